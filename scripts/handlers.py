@@ -1,0 +1,252 @@
+"""Ignite handlers that turn the evaluator's per-image scores into the paper's metrics, reports and figures."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from . import reports
+from .metrics import METRICS, anomaly_metrics, validation_protocol
+
+logger = logging.getLogger(__name__)
+
+
+def _batched(data) -> dict:
+    """Engines with ``decollate=True`` hand over a list of per-item dicts; stack it back into one dict."""
+    if isinstance(data, dict):
+        return data
+    keys = [k for k in data[0] if isinstance(data[0][k], (torch.Tensor, int, float, str))]
+    return {
+        k: (
+            torch.stack([torch.as_tensor(d[k]) for d in data])
+            if not isinstance(data[0][k], str)
+            else [d[k] for d in data]
+        )
+        for k in keys
+    }
+
+
+def _filenames(batch, key: str, count: int) -> list[str]:
+    items = batch if isinstance(batch, list) else [batch]
+    names: list = []
+    for item in items:
+        meta = getattr(item.get(key), "meta", None) or item.get(f"{key}_meta_dict") or {}
+        found = meta.get("filename_or_obj", "")
+        names += [found] if isinstance(found, str) else list(found)
+    names = (names + [""] * count)[:count]
+    slices = _batched(batch).get("slice")
+    if slices is not None:
+        names = [f"{n}#slice={int(s)}" for n, s in zip(names, torch.as_tensor(slices).view(-1))]
+    return [str(n) for n in names]
+
+
+class AnomalyMetricsHandler:
+    """Collects score terms over an epoch; at its end computes AUC, F1, ACC, SEN, SPE into ``engine.state.metrics``.
+
+    ``calibrate=True`` (validation during training) first fits the scorer's normalisation on the normal images
+    of this epoch and re-scores with it, so a checkpoint saved on this epoch's metric carries matching statistics.
+    With ``output_dir`` it also writes ``<prefix>metrics.json``, ``<prefix>scores.csv`` and, with ``plots``,
+    the ROC curve, the score distributions and original / reconstruction / residual panels.
+    Attach it before ``CheckpointSaver`` so the saver sees this epoch's metric.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        prefix: str = "val_",
+        calibrate: bool = False,
+        output_dir: str | None = None,
+        plots: bool = False,
+        n_panel_samples: int = 4,
+        protocol_folds: int = 0,
+        seed: int = 0,
+    ):
+        self.network = network
+        self.prefix = prefix
+        self.calibrate = calibrate
+        self.output_dir = output_dir
+        self.plots = plots
+        self.n_panel_samples = n_panel_samples
+        self.protocol_folds = protocol_folds
+        self.seed = seed
+        self.records: dict[str, list] = {}
+        self.panels: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    def reset(self, engine: Engine | None = None) -> None:
+        self.records = {"name": [], "volume": [], "label": [], "score_flow": [], "score_recon": []}
+        self.panels = []
+
+    def collect(self, engine: Engine) -> None:
+        output = _batched(engine.state.output)
+        count = output["score"].shape[0]
+        names = _filenames(engine.state.batch, "image", count)
+        if output["score"].ndim == 2:  # volumes: one record per slice
+            depth = output["score"].shape[1]
+            self.records["volume"] += [n for n in names for _ in range(depth)]
+            names = [f"{n}#slice={k}" for n in names for k in range(depth)]
+        else:
+            self.records["volume"] += [""] * count
+        labels = output.get("label", torch.full((len(names),), -1)).view(-1)
+        if labels.numel() != len(names):  # a volume-level label says nothing about each slice
+            labels = torch.full((len(names),), -1)
+        self.records["name"] += names
+        self.records["label"] += [int(v) for v in labels.tolist()]
+        for key in ("score_flow", "score_recon"):
+            self.records[key] += output[key].reshape(-1).tolist()
+        if self.plots and output["score"].ndim == 1:
+            self._keep_panel_samples(output, labels)
+
+    def _keep_panel_samples(self, output: dict, labels: torch.Tensor) -> None:
+        for index, label in enumerate(labels.view(-1).tolist()):
+            if sum(p["label"] == label for p in self.panels) < self.n_panel_samples // 2:
+                sample = {key: output[key][index].cpu().numpy() for key in ("image", "reconstruction", "pred")}
+                sample["residual"] = output["map_residual"][index].cpu().numpy()
+                sample["anomaly_map"] = sample.pop("pred")
+                sample["label"] = label
+                sample["score"] = float(output["score"][index])
+                self.panels.append(sample)
+
+    @property
+    def scorer(self):
+        return (self.network.module if hasattr(self.network, "module") else self.network).scorer
+
+    def complete(self, engine: Engine) -> dict:
+        labels = np.asarray(self.records["label"])
+        terms = {name: torch.tensor(self.records[f"score_{name}"]) for name in ("flow", "recon")}
+        if self.calibrate:
+            normal = torch.as_tensor(labels == 0)
+            self.scorer.calibrate(terms["flow"][normal], terms["recon"][normal])
+        scores = self.scorer.combine(terms).numpy()
+        labelled = labels >= 0
+        metrics = anomaly_metrics(labels[labelled], scores[labelled]) if labelled.any() else {}
+        engine.state.metrics.update({f"{self.prefix}{k}": metrics[k] for k in METRICS if k in metrics})
+        logger.info("%s", ", ".join(f"{self.prefix}{k}: {metrics[k]:.4f}" for k in METRICS if k in metrics))
+        if self.output_dir:
+            self._write(labels, scores, terms, metrics)
+        return metrics
+
+    def _write(self, labels, scores, terms, metrics) -> None:
+        out = self.output_dir
+        rows = [
+            {"name": n, "label": int(l), "score": float(s), "score_flow": float(f), "score_recon": float(r)}
+            for n, l, s, f, r in zip(self.records["name"], labels, scores, terms["flow"], terms["recon"])
+        ]
+        reports.write_csv(os.path.join(out, f"{self.prefix}scores.csv"), rows)
+        volumes = [v for v in dict.fromkeys(self.records["volume"]) if v]
+        if volumes:
+            reports.write_csv(os.path.join(out, f"{self.prefix}volume_scores.csv"), self.volume_rows(volumes, scores))
+        summary = {"paper_protocol": metrics, "scorer": self.scorer_description()}
+        both_classes = (labels == 0).any() and (labels == 1).any()
+        if self.protocol_folds and both_classes:
+            summary["validation_protocol"] = validation_protocol(labels, scores, self.protocol_folds, seed=self.seed)
+        reports.write_json(os.path.join(out, f"{self.prefix}metrics.json"), summary)
+        if self.plots and both_classes:
+            curves = {"AE-FLOW score": scores, "S_flow": terms["flow"].numpy(), "S_recon": terms["recon"].numpy()}
+            reports.plot_roc(os.path.join(out, f"{self.prefix}roc.png"), labels, curves)
+            reports.plot_score_distributions(
+                os.path.join(out, f"{self.prefix}score_distributions.png"), labels, scores, metrics.get("threshold")
+            )
+            reports.plot_panels(os.path.join(out, f"{self.prefix}panels.png"), self.panels)
+
+    def volume_rows(self, volumes: list[str], scores: np.ndarray) -> list[dict]:
+        """A volume's score is the maximum of its slice scores: one anomalous slice makes the volume anomalous."""
+        owner = np.asarray(self.records["volume"])
+        rows = []
+        for volume in volumes:
+            slice_scores = scores[owner == volume]
+            top = int(np.argmax(slice_scores))
+            rows.append(
+                {
+                    "volume": volume,
+                    "score": float(slice_scores[top]),
+                    "max_slice": top,
+                    "n_slices": int(slice_scores.size),
+                }
+            )
+        return rows
+
+    def scorer_description(self) -> dict:
+        scorer = self.scorer
+        return {
+            "beta": scorer.beta,
+            "flow_score": scorer.flow_score,
+            "reduction": scorer.reduction,
+            "normalization": scorer.normalization,
+            "term_stats": {"flow": scorer.term_stats[0].tolist(), "recon": scorer.term_stats[1].tolist()},
+        }
+
+
+class MLflowDetailsHandler:
+    """Adds what MONAI's ``--tracking mlflow`` handler does not record to the run that handler opened.
+
+    ``python -m monai.bundle run ... --tracking mlflow`` appends a ``MLFlowHandler`` to the engine's handlers; this
+    companion finds it on the same engine and logs, into its run: the AE-FLOW ``params`` once, the loss parts
+    ``output_keys`` every iteration, and at completion every file matching ``artifact_globs`` in ``artifacts_dir``
+    (metrics JSON, score CSV, figures). Without tracking it does nothing.
+    """
+
+    def __init__(
+        self,
+        params: dict | None = None,
+        output_keys: tuple[str, ...] = (),
+        artifacts_dir: str | None = None,
+        artifact_globs: tuple[str, ...] = ("*metrics.json", "*scores.csv", "*.png"),
+    ):
+        self.params = params or {}
+        self.output_keys = tuple(output_keys)
+        self.artifacts_dir = artifacts_dir
+        self.artifact_globs = tuple(artifact_globs)
+        self._params_logged = False
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    @staticmethod
+    def tracker(engine: Engine):
+        """The MONAI ``MLFlowHandler`` attached to ``engine`` with an open run, if any."""
+        from monai.handlers import MLFlowHandler
+
+        for handlers in engine._event_handlers.values():
+            for entry in handlers:
+                owner = getattr(entry[0], "__self__", None)
+                if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
+                    return owner
+        return None
+
+    def _log_params_once(self, tracker) -> None:
+        if not self._params_logged and self.params:
+            tracker._log_params({k: str(v) for k, v in self.params.items()})
+        self._params_logged = True
+
+    def iteration_completed(self, engine: Engine) -> None:
+        tracker = self.tracker(engine)
+        if tracker is None:
+            return
+        self._log_params_once(tracker)
+        output = _batched(engine.state.output) if self.output_keys else {}
+        values = {key: float(torch.as_tensor(output[key]).float().mean()) for key in self.output_keys if key in output}
+        if values:
+            tracker._log_metrics(values, step=engine.state.iteration)
+
+    def completed(self, engine: Engine) -> None:
+        tracker = self.tracker(engine)
+        if tracker is None:
+            return
+        self._log_params_once(tracker)
+        if not self.artifacts_dir or not os.path.isdir(self.artifacts_dir):
+            return
+        run_id = tracker.cur_run.info.run_id
+        for pattern in self.artifact_globs:
+            for path in sorted(Path(self.artifacts_dir).glob(pattern)):
+                tracker.client.log_artifact(run_id, str(path))

@@ -1,0 +1,133 @@
+"""AE-FLOW: frozen encoder -> normalizing flow -> decoder (paper section 2, figure 2).
+
+In eval mode ``forward`` returns one tensor, the pixel-level anomaly map (B, 1, H, W), because MONAI's tools
+(Deploy's bundle operator, ``verify_net_in_out``, ``ckpt_export``, ``SliceInferer``) keep a single output. In
+train mode it returns ``FlowOutput`` (z', log|det J|, x') for the loss, as anomalib's FastFlow does; going
+through ``forward`` keeps DistributedDataParallel's gradient hooks in play. ``score`` serves evaluation.
+
+>>> net = AEFlow(encoder="efficientnet-lite0", encoder_weights="none", image_size=64)
+>>> net(torch.rand(2, 1, 64, 64)).shape
+torch.Size([2, 1, 64, 64])
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from .decoder import Decoder
+from .encoders import STRIDE, build_encoder
+from .flow import build_flow
+from .scores import AnomalyScorer
+
+
+class FlowOutput(NamedTuple):
+    """What one pass through the flow and decoder produces; ``log_jac_det`` is needed by the loss only."""
+
+    z_prime: torch.Tensor
+    log_jac_det: torch.Tensor
+    reconstruction: torch.Tensor
+
+
+def _image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+    size = (int(image_size), int(image_size)) if isinstance(image_size, (int, float)) else tuple(image_size)
+    if len(size) != 2 or any(s <= 0 or s % STRIDE for s in size):
+        raise ValueError(
+            f"image_size {list(size)} cannot be reduced to a whole feature map: both sides must be positive "
+            f"multiples of the encoder stride {STRIDE} (e.g. 256, the paper's size)."
+        )
+    return size
+
+
+class AEFlow(nn.Module):
+    """The three replaceable parts plus the scorer of equation (2); only ``flow`` and ``decoder`` train."""
+
+    def __init__(
+        self,
+        encoder: str = "efficientnet-lite0",
+        encoder_weights: str = "imagenet",
+        image_size: int | Sequence[int] = 256,
+        in_channels: int = 1,
+        subnet: str = "resnet",
+        flow_blocks: int = 8,
+        flow_clamp: float = 2.0,
+        subnet_hidden_ratio: float = 1.0,
+        output_activation: str = "sigmoid",
+        beta: float = 0.9,
+        flow_score: str = "nll",
+        score_reduction: str = "mean",
+        score_topk_fraction: float = 0.05,
+        score_normalization: str = "zscore",
+        data_range: float = 1.0,
+        ssim_window: int = 11,
+    ):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
+        self.image_size = _image_size(image_size)
+        self.in_channels = in_channels
+        self.encoder = build_encoder(encoder, encoder_weights)
+        feature_size = (self.image_size[0] // STRIDE, self.image_size[1] // STRIDE)
+        self.feature_shape = (self.encoder.out_channels, *feature_size)
+        self.flow = (
+            build_flow(
+                *self.feature_shape,
+                subnet=subnet,
+                n_blocks=flow_blocks,
+                clamp=flow_clamp,
+                hidden_ratio=subnet_hidden_ratio,
+            )
+            if flow_blocks > 0
+            else None
+        )
+        self.decoder = Decoder(self.encoder.out_channels, self.encoder.skip_channels, in_channels, output_activation)
+        self.scorer = AnomalyScorer(
+            beta=beta,
+            flow_score=flow_score,
+            reduction=score_reduction,
+            topk_fraction=score_topk_fraction,
+            normalization=score_normalization,
+            data_range=data_range,
+            ssim_window=ssim_window,
+        )
+
+    def trainable_parameters(self):
+        """The paper optimises the flow and the decoder only (section 3.2)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
+
+    def check_input(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != self.in_channels or tuple(image.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"AE-FLOW expects images of shape (B, {self.in_channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}), got {tuple(image.shape)}."
+            )
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.check_input(image)
+        return self.encoder(image)
+
+    def flow_decode(self, features: torch.Tensor) -> FlowOutput:
+        if self.flow is None:  # flow_blocks = 0: the plain autoencoder baseline of the paper's table 1
+            z_prime, log_jac_det = features, features.new_zeros(features.shape[0])
+        else:
+            z_prime, log_jac_det = self.flow(features)
+        return FlowOutput(z_prime, log_jac_det, self.decoder(z_prime))
+
+    def score(self, image: torch.Tensor, features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Everything evaluation needs from one pass: term maps, combined map, image scores, reconstruction."""
+        out = self.flow_decode(self.encode(image) if features is None else features)
+        maps = self.scorer.term_maps(out.z_prime, image, out.reconstruction)
+        result = {f"map_{name}": value for name, value in maps.items()}
+        result["anomaly_map"] = self.scorer.combine(maps)
+        result.update(self.scorer.image_scores(maps))
+        result["reconstruction"] = out.reconstruction
+        return result
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor | FlowOutput:
+        """``features`` (from the feature cache) skips the frozen encoder."""
+        out = self.flow_decode(self.encode(image) if features is None else features)
+        if self.training:
+            return out
+        return self.scorer.combine(self.scorer.term_maps(out.z_prime, image, out.reconstruction))

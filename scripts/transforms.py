@@ -1,0 +1,98 @@
+"""MONAI transforms that MONAI lacks for AE-FLOW: 3D-to-2D slice selection, channel matching, and running the
+frozen encoder once per image (so that ``CacheDataset`` / ``PersistentDataset`` cache its features).
+
+Everything else in the pipelines (loading with nibabel or ITK, orientation, intensity scaling, resizing) is
+MONAI's own and wired in the JSON configs.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Mapping
+
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+
+
+class SelectSliced(MapTransform):
+    """Take the 2D slice ``data[slice_key]`` along spatial ``axis`` of a channel-first 3D volume.
+
+    A slice-level datalist item ``{"image": "case.nii.gz", "slice": 40, "label": 1}`` thus becomes a 2D image;
+    this is how the bundle slices BraTS-like volumes on the fly (paper 3.1).
+    """
+
+    def __init__(self, keys: KeysCollection, slice_key: str = "slice", axis: int = 2, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.slice_key = slice_key
+        self.axis = axis
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if self.slice_key not in d:
+            raise KeyError(f"SelectSliced needs the slice index under {self.slice_key!r} in each datalist item.")
+        index = int(d[self.slice_key])
+        for key in self.key_iterator(d):
+            volume = d[key]
+            if volume.ndim != 4:
+                raise ValueError(
+                    f"SelectSliced expects a channel-first 3D volume (C, H, W, D) for {key!r}, got shape "
+                    f"{tuple(volume.shape)} from {getattr(volume, 'meta', {}).get('filename_or_obj', 'input')}."
+                )
+            depth = volume.shape[self.axis + 1]
+            if not 0 <= index < depth:
+                raise IndexError(f"Slice {index} is outside the volume's {depth} slices along axis {self.axis}.")
+            d[key] = volume.select(self.axis + 1, index)
+        return d
+
+
+class EnsureChannelsd(MapTransform):
+    """Bring images to the network's channel count: colour to gray by channel mean, gray to colour by repetition."""
+
+    def __init__(self, keys: KeysCollection, channels: int = 1, allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels}.")
+        self.channels = channels
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            if image.shape[0] == self.channels:
+                continue
+            if self.channels == 1:
+                d[key] = image[:3].mean(dim=0, keepdim=True)
+            elif image.shape[0] == 1:
+                d[key] = image.repeat(3, *([1] * (image.ndim - 1)))
+            else:
+                raise ValueError(f"Cannot turn a {image.shape[0]}-channel image into {self.channels} channels.")
+        return d
+
+
+class EncodeFeaturesd(MapTransform):
+    """Run the frozen encoder on one image and store its feature map under ``features_key``.
+
+    Placed last among the deterministic transforms, it lets MONAI's cache datasets hold encoder features, so
+    the encoder runs once per image instead of once per epoch (it never trains, paper 3.2).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        encoder: torch.nn.Module,
+        features_key: str = "features",
+        device: torch.device | str = "cpu",
+        allow_missing_keys=False,
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.encoder = encoder
+        self.features_key = features_key
+        self.device = torch.device(device)
+
+    @torch.no_grad()
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = torch.as_tensor(d[key], dtype=torch.float32).to(self.device)
+            d[self.features_key] = self.encoder(image[None]).squeeze(0).cpu()
+        return d

@@ -1,0 +1,131 @@
+"""The bundle as MONAI's tools see it, in the model-zoo's order: train -> evaluate -> infer on tiny synthetic
+volumes, then the metadata, network shape and TorchScript export checks."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import nibabel as nib
+import pytest
+import torch
+from conftest import SHARED, TINY_OVERRIDES
+from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
+
+
+def _workflow(root, configs, workflow_type, **override):
+    workflow = ConfigWorkflow(
+        config_file=[str(root / "configs" / name) for name in configs],
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        **override,
+    )
+    workflow.initialize()
+    assert not workflow.check_properties()  # every id MONAI's tools expect is there and wired correctly
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def trained(bundle_root, tiny_dataset, tmp_path_factory):
+    """One epoch of training; returns the overrides that locate its outputs."""
+    out = tmp_path_factory.mktemp("bundle_run")
+    override = {
+        "bundle_root": str(bundle_root),
+        "dataset_dir": str(tiny_dataset),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": str(out / "eval"),
+        **TINY_OVERRIDES,
+    }
+    workflow = _workflow(bundle_root, ["train.json"], "train", **override)
+    workflow.run()
+    workflow.finalize()
+    return override
+
+
+def test_training_writes_a_calibrated_checkpoint_and_validation_metrics(trained):
+    state = torch.load(f"{trained['ckpt_dir']}/model.pt", weights_only=True)
+    assert any(key.startswith("flow.") for key in state) and any(key.startswith("decoder.") for key in state)
+    assert not torch.equal(state["scorer.term_stats"], torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    metrics = json.load(open(f"{trained['output_dir']}/val_metrics.json"))
+    assert 0.0 <= metrics["paper_protocol"]["auc"] <= 1.0
+
+
+def test_evaluate_writes_metrics_and_figures(bundle_root, trained):
+    workflow = _workflow(bundle_root, ["train.json", "evaluate.json"], "train", **trained)
+    workflow.run()
+    workflow.finalize()
+    out = trained["output_dir"]
+    metrics = json.load(open(f"{out}/test_metrics.json"))
+    for name in ("auc", "f1", "acc", "sen", "spe", "threshold"):
+        assert name in metrics["paper_protocol"]
+    assert len(metrics["validation_protocol"]["folds"]) == 5
+    for figure in ("test_roc.png", "test_score_distributions.png", "test_panels.png"):
+        with open(f"{out}/{figure}", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(open(f"{out}/test_scores.csv")))
+    assert len(rows) == metrics["paper_protocol"]["n_normal"] + metrics["paper_protocol"]["n_abnormal"]
+
+
+def test_inference_scores_volumes_slice_by_slice_and_saves_maps(bundle_root, tiny_dataset, trained, tmp_path):
+    override = {key: trained[key] for key in ("bundle_root", "ckpt_dir", "image_size", "flow_blocks")}
+    override.update(
+        dataset_dir=str(tiny_dataset / "volumes"), input_glob="test_*_flair.nii.gz", output_dir=str(tmp_path)
+    )
+    workflow = _workflow(bundle_root, ["inference.json"], "infer", **override)
+    workflow.run()
+    workflow.finalize()
+    volumes = sorted((tiny_dataset / "volumes").glob("test_*_flair.nii.gz"))
+    rows = list(csv.DictReader(open(tmp_path / "scores.csv")))
+    depth = nib.load(volumes[0]).shape[2]
+    assert len(rows) == len(volumes) * depth
+    assert len(list(csv.DictReader(open(tmp_path / "volume_scores.csv")))) == len(volumes)
+    for volume in volumes:
+        saved = nib.load(tmp_path / volume.name.replace(".nii.gz", "_anomaly_map.nii.gz"))
+        original = nib.load(volume)
+        assert saved.shape[:3] == original.shape  # back on the input's grid
+        assert abs(saved.affine - original.affine).max() < 1e-4
+
+
+def test_verify_metadata_against_the_shared_schema(bundle_root, tmp_path):
+    schema = SHARED / "schemas" / "meta_schema_20240725.json"
+    if not schema.is_file():
+        pytest.skip("shared schema not present")
+    target = tmp_path / "schema.json"
+    target.write_bytes(schema.read_bytes())
+    verify_metadata(meta_file=str(bundle_root / "configs" / "metadata.json"), filepath=str(target))
+
+
+def test_verify_net_in_out(bundle_root):
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=str(bundle_root / "configs" / "metadata.json"),
+        config_file=str(bundle_root / "configs" / "inference.json"),
+        device="cpu",
+        flow_blocks=2,
+    )
+
+
+def test_traced_torchscript_export_matches_eager(bundle_root, trained, tmp_path):
+    ts_file = tmp_path / "model.ts"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(ts_file),
+        ckpt_file=f"{trained['ckpt_dir']}/model.pt",
+        meta_file=str(bundle_root / "configs" / "metadata.json"),
+        config_file=str(bundle_root / "configs" / "inference.json"),
+        bundle_root=str(bundle_root),
+        image_size=trained["image_size"],
+        flow_blocks=trained["flow_blocks"],
+        use_trace=True,
+        input_shape=[1, 1, trained["image_size"], trained["image_size"]],
+    )
+    from scripts.networks import AEFlow
+
+    eager = AEFlow(image_size=trained["image_size"], flow_blocks=trained["flow_blocks"])
+    eager.load_state_dict(torch.load(f"{trained['ckpt_dir']}/model.pt", weights_only=True))
+    eager.eval()
+    traced = torch.jit.load(str(ts_file))
+    image = torch.rand(2, 1, trained["image_size"], trained["image_size"])
+    with torch.no_grad():
+        torch.testing.assert_close(traced(image), eager(image), atol=1e-5, rtol=1e-5)

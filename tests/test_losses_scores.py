@@ -1,0 +1,92 @@
+"""Equations (1) and (2) on inputs whose values are known by hand."""
+
+import math
+
+import pytest
+import torch
+
+from scripts.losses import HALF_LOG_2PI, AEFlowLoss, flow_nll
+from scripts.scores import AnomalyScorer, flow_score_map, reduce_map, ssim_map
+
+
+def test_flow_nll_normalisations_by_hand():
+    z = torch.ones(2, 4, 2, 2)  # 16 dims, each contributing 0.5 * 1 + 0.5 * log(2 pi)
+    log_det = torch.tensor([0.0, 16.0])
+    per_dim = flow_nll(z, log_det, "nats_per_dim")
+    torch.testing.assert_close(per_dim, torch.tensor([0.5 + HALF_LOG_2PI, 0.5 + HALF_LOG_2PI - 1.0]))
+    torch.testing.assert_close(flow_nll(z, log_det, "sum"), per_dim * 16)
+    torch.testing.assert_close(flow_nll(z, log_det, "bits_per_dim"), per_dim / math.log(2))
+    with pytest.raises(ValueError, match="nats_per_dim"):
+        flow_nll(z, log_det, "per_pixel")
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_equation_1_weights_flow_and_mse(alpha):
+    z = torch.zeros(2, 4, 2, 2)
+    recon = torch.full((2, 1, 16, 16), 0.5)
+    target = torch.full((2, 1, 16, 16), 0.7)
+    parts = AEFlowLoss(alpha=alpha)(z, torch.zeros(2), recon, target)
+    torch.testing.assert_close(parts["loss_flow"], torch.tensor(HALF_LOG_2PI))
+    torch.testing.assert_close(parts["loss_recon"], torch.tensor(0.04))
+    torch.testing.assert_close(parts["loss"], torch.tensor(alpha * HALF_LOG_2PI + (1 - alpha) * 0.04))
+
+
+def test_ssim_loss_option_is_zero_for_identical_images():
+    image = torch.rand(2, 1, 32, 32)
+    parts = AEFlowLoss(alpha=0.0, recon_loss="ssim")(torch.zeros(2, 4, 2, 2), torch.zeros(2), image, image)
+    assert abs(float(parts["loss"])) < 1e-5
+
+
+@pytest.mark.parametrize("name,value", [("alpha", -0.1), ("alpha", 1.5)])
+def test_weights_outside_unit_interval_are_rejected(name, value):
+    with pytest.raises(ValueError, match=f"{name} must lie in \\[0, 1\\]"):
+        AEFlowLoss(alpha=value)
+
+
+def test_beta_outside_unit_interval_is_rejected():
+    with pytest.raises(ValueError, match="beta must lie in"):
+        AnomalyScorer(beta=2.0)
+
+
+def test_flow_score_map_forms():
+    z = torch.zeros(1, 3, 2, 2)
+    z[0, :, 0, 0] = 2.0  # channel-mean of 0.5 z^2 is 2 at one location
+    nll = flow_score_map(z, "nll")
+    assert nll.shape == (1, 1, 2, 2)
+    assert nll[0, 0, 0, 0] == 2.0 and nll[0, 0, 1, 1] == 0.0
+    torch.testing.assert_close(flow_score_map(z, "density"), -torch.exp(-nll))
+
+
+def test_ssim_map_is_one_for_identical_and_window_is_fixed_range():
+    image = torch.rand(1, 1, 32, 32)
+    torch.testing.assert_close(ssim_map(image, image), torch.ones(1, 1, 32, 32), atol=1e-5, rtol=0)
+    # a fixed data range: the SSIM of one pair does not change when a brighter image shares the batch
+    other = torch.rand(1, 1, 32, 32) * 0.5
+    alone = ssim_map(image, other)
+    in_batch = ssim_map(torch.cat([image, image * 0 + 1]), torch.cat([other, other]))[:1]
+    torch.testing.assert_close(alone, in_batch)
+
+
+def test_reductions_by_hand():
+    score_map = torch.arange(100.0).view(1, 1, 10, 10)
+    assert reduce_map(score_map, "mean").item() == pytest.approx(49.5)
+    assert reduce_map(score_map, "max").item() == 99.0
+    assert reduce_map(score_map, "topk", topk_fraction=0.05).item() == pytest.approx(97.0)
+
+
+def test_equation_2_with_zscore_calibration():
+    scorer = AnomalyScorer(beta=0.9, normalization="zscore")
+    scorer.calibrate(torch.tensor([1.0, 3.0]), torch.tensor([-0.9, -0.7]))  # means 2, -0.8; stds sqrt(2), sqrt(.02)
+    terms = {"flow": torch.tensor([2.0 + math.sqrt(2)]), "recon": torch.tensor([-0.8 - 2 * math.sqrt(0.02)])}
+    torch.testing.assert_close(scorer.combine(terms), torch.tensor([0.9 * 1.0 + 0.1 * -2.0]))
+    plain = AnomalyScorer(beta=0.9, normalization="none")
+    torch.testing.assert_close(plain.combine(terms), 0.9 * terms["flow"] + 0.1 * terms["recon"])
+
+
+def test_image_score_of_mean_reduction_is_mean_of_anomaly_map():
+    scorer = AnomalyScorer(beta=0.7, reduction="mean")
+    scorer.calibrate(torch.tensor([0.5, 1.5, 1.0]), torch.tensor([-0.9, -0.5, -0.7]))
+    maps = scorer.term_maps(torch.randn(2, 8, 4, 4), torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64))
+    scores = scorer.image_scores(maps)
+    torch.testing.assert_close(scores["score"], scorer.combine(maps).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(scores["score_recon"], maps["recon"].mean(dim=(1, 2, 3)))

@@ -1,0 +1,59 @@
+"""The paper's metrics agree with scikit-learn and with a brute-force best-F1 search."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from scripts.metrics import anomaly_metrics, best_f1_threshold, validation_protocol
+
+
+def _brute_force_best_f1(labels, scores):
+    return max(f1_score(labels, (scores >= t).astype(int)) for t in np.unique(scores))
+
+
+def test_metrics_match_sklearn_on_random_scores():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = rng.normal(size=200) + labels
+    m = anomaly_metrics(labels, scores)
+    assert m["auc"] == pytest.approx(roc_auc_score(labels, scores))
+    assert m["f1"] == pytest.approx(_brute_force_best_f1(labels, scores))
+    predicted = scores >= m["threshold"]
+    assert m["sen"] == pytest.approx(predicted[labels == 1].mean())
+    assert m["spe"] == pytest.approx((~predicted[labels == 0]).mean())
+    assert m["acc"] == pytest.approx((predicted == labels).mean())
+
+
+def test_metrics_by_hand_with_a_given_threshold():
+    m = anomaly_metrics([0, 0, 0, 1, 1], [0.1, 0.2, 0.6, 0.5, 0.9], threshold=0.5)
+    # predicted abnormal: 0.6, 0.5, 0.9 -> TP 2, FP 1, TN 2, FN 0
+    assert (m["sen"], m["spe"], m["acc"]) == (1.0, pytest.approx(2 / 3), pytest.approx(4 / 5))
+    assert m["f1"] == pytest.approx(0.8)
+    assert m["auc"] == pytest.approx(5 / 6)
+
+
+def test_single_class_gives_nan_not_a_crash():
+    m = anomaly_metrics([0, 0, 0], [0.1, 0.2, 0.3])
+    assert np.isnan(m["auc"]) and m["n_normal"] == 3
+
+
+def test_non_finite_scores_are_refused():
+    with pytest.raises(ValueError, match="not finite"):
+        anomaly_metrics([0, 1], [0.1, float("nan")])
+
+
+def test_best_f1_threshold_is_an_observed_score():
+    labels, scores = np.array([0, 1, 0, 1]), np.array([0.2, 0.8, 0.4, 0.3])
+    assert best_f1_threshold(labels, scores) in scores
+
+
+def test_validation_protocol_is_stratified_and_uses_held_out_thresholds():
+    rng = np.random.default_rng(1)
+    labels = np.r_[np.zeros(100, int), np.ones(150, int)]
+    scores = rng.normal(size=250) + 1.5 * labels
+    result = validation_protocol(labels, scores, n_folds=5, seed=3)
+    assert len(result["folds"]) == 5
+    for fold in result["folds"]:
+        assert (fold["n_normal"], fold["n_abnormal"]) == (80, 120)  # 80 % of each class
+    assert result["summary"]["auc"]["std"] > 0
+    assert 0.7 < result["summary"]["auc"]["mean"] < 1.0

@@ -1,0 +1,106 @@
+"""MLflow tracking as research groups use it: MONAI's ``--tracking mlflow`` with the default local sqlite store,
+and a shared ``mlflow server`` on loopback, both read back through MLflow's client."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from conftest import TINY_OVERRIDES
+from mlflow.tracking import MlflowClient
+from monai.bundle import ConfigWorkflow
+
+
+def _train_tracked(bundle_root, dataset, out, **tracking):
+    workflow = ConfigWorkflow(
+        config_file=str(bundle_root / "configs" / "train.json"),
+        meta_file=str(bundle_root / "configs" / "metadata.json"),
+        logging_file=str(bundle_root / "configs" / "logging.conf"),
+        workflow_type="train",
+        tracking="mlflow",
+        bundle_root=str(bundle_root),
+        dataset_dir=str(dataset),
+        ckpt_dir=str(out / "models"),
+        output_dir=str(out / "eval"),
+        **TINY_OVERRIDES,
+        **tracking,
+    )
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+
+
+def _check_run(client: MlflowClient):
+    experiment = client.get_experiment_by_name("monai_experiment")
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    for param in ("encoder", "subnet", "alpha", "beta", "learning_rate", "epochs", "image_size"):
+        assert param in run.data.params, param
+    assert run.data.params["encoder"] == "efficientnet-lite0"
+    for metric in ("train_loss", "loss_flow", "loss_recon", "val_auc", "val_f1"):
+        assert metric in run.data.metrics, metric
+    history = client.get_metric_history(run.info.run_id, "loss_flow")
+    assert len(history) >= 2  # logged every iteration
+    artifacts = [a.path for a in client.list_artifacts(run.info.run_id)]
+    assert any(path.startswith("config_") and path.endswith(".json") for path in artifacts), artifacts
+
+
+def test_local_sqlite_store(bundle_root, tiny_dataset, tmp_path):
+    _train_tracked(bundle_root, tiny_dataset, tmp_path)  # MONAI's default: sqlite under output_dir
+    _check_run(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/eval/mlruns.db"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path):
+    port = _free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path}/server.db",
+            "--default-artifact-root",
+            str(tmp_path / "art"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(2)
+        assert server.poll() is None, "mlflow server exited"
+    else:
+        server.kill()
+        pytest.fail("mlflow server did not become healthy in 300 s")
+    yield url
+    server.terminate()
+    server.wait(timeout=30)
+
+
+def test_shared_tracking_server(bundle_root, tiny_dataset, tmp_path, mlflow_server):
+    _train_tracked(bundle_root, tiny_dataset, tmp_path, tracking_uri=mlflow_server)
+    _check_run(MlflowClient(tracking_uri=mlflow_server))

@@ -1,0 +1,135 @@
+"""Encoders, decoder and the assembled AE-FLOW: shapes, frozen parts, honest weight loading, clear errors."""
+
+import logging
+
+import pytest
+import torch
+
+from scripts.decoder import Decoder
+from scripts.encoders import EncoderWeightsUnavailable, build_encoder
+from scripts.networks import AEFlow
+
+
+@pytest.mark.parametrize(
+    "name,channels", [("efficientnet-lite0", 112), ("efficientnet-lite1", 112), ("efficientnet-lite2", 120)]
+)
+@pytest.mark.parametrize("size", [256, 128])
+def test_efficientnet_lite_imagenet_features_at_stride_16(name, channels, size):
+    encoder = build_encoder(name, "imagenet")
+    with torch.no_grad():
+        features = encoder(torch.rand(1, 1, size, size))
+    assert features.shape == (1, channels, size // 16, size // 16)
+    assert features.abs().sum() > 0
+
+
+def test_wide_resnet50_2_shape_at_paper_size_and_another():
+    encoder = build_encoder("wide_resnet50_2", "none")
+    with torch.no_grad():
+        assert encoder(torch.rand(1, 3, 256, 256)).shape == (1, 1024, 16, 16)
+        assert encoder(torch.rand(1, 1, 320, 192)).shape == (1, 1024, 20, 12)
+    assert encoder.skip_channels == (512, 256, 64)
+
+
+def test_missing_wide_resnet_weights_stop_with_remedies(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(EncoderWeightsUnavailable, match="efficientnet-lite0") as error:
+        build_encoder("wide_resnet50_2", "imagenet")
+    assert "--encoder_weights" in str(error.value) and str(tmp_path) in str(error.value)
+
+
+def test_wide_resnet_weights_from_an_explicit_file(tmp_path):
+    from torchvision.models import wide_resnet50_2
+
+    reference = wide_resnet50_2(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "wrn.pth")
+    encoder = build_encoder("wide_resnet50_2", str(tmp_path / "wrn.pth"))
+    torch.testing.assert_close(encoder.body[0].weight, reference.conv1.weight)
+
+
+def test_corrupt_weights_file_is_named(tmp_path):
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="broken.pth"):
+        build_encoder("efficientnet-lite0", str(bad))
+
+
+def test_random_weights_are_announced(caplog):
+    with caplog.at_level(logging.WARNING):
+        build_encoder("efficientnet-lite0", "none")
+    assert "RANDOM weights" in caplog.text
+
+
+def test_unknown_encoder_names_allowed_values():
+    with pytest.raises(ValueError, match="wide_resnet50_2, efficientnet-lite0"):
+        build_encoder("resnet18")
+
+
+def test_decoder_mirrors_encoder_and_matches_target_range():
+    decoder = Decoder(1024, (512, 256, 64), out_channels=3)
+    out = decoder(torch.randn(1, 1024, 4, 4))
+    assert out.shape == (1, 3, 64, 64) and out.min() >= 0 and out.max() <= 1
+    transposed = [m for m in decoder if isinstance(m, torch.nn.ConvTranspose2d)]
+    assert [m.out_channels for m in transposed] == [512, 256, 64, 3]
+    assert all(m.kernel_size == (2, 2) and m.stride == (2, 2) for m in transposed)
+
+
+@pytest.fixture(scope="module")
+def tiny_net():
+    torch.manual_seed(0)
+    return AEFlow(encoder="efficientnet-lite0", encoder_weights="imagenet", image_size=64, flow_blocks=8)
+
+
+def test_only_flow_and_decoder_train_and_encoder_stays_frozen(tiny_net):
+    tiny_net.train()
+    assert not tiny_net.encoder.training and tiny_net.flow.training
+    trainable = {id(p) for p in tiny_net.trainable_parameters()}
+    assert all(id(p) not in trainable and not p.requires_grad for p in tiny_net.encoder.parameters())
+    expected = {id(p) for p in [*tiny_net.flow.parameters(), *tiny_net.decoder.parameters()] if p.requires_grad}
+    assert trainable == expected
+    assert len(tiny_net.flow.module_list) == 8
+
+
+def test_forward_modes(tiny_net):
+    image = torch.rand(2, 1, 64, 64)
+    tiny_net.train()
+    out = tiny_net(image)
+    assert out.z_prime.shape == (2, 112, 4, 4) and out.log_jac_det.shape == (2,)
+    assert out.reconstruction.shape == image.shape
+    tiny_net.eval()
+    with torch.no_grad():
+        anomaly_map = tiny_net(image)
+        scores = tiny_net.score(image)
+    assert anomaly_map.shape == (2, 1, 64, 64)
+    torch.testing.assert_close(scores["anomaly_map"], anomaly_map)
+    assert scores["score"].shape == (2,)
+    # cached features give the same result as encoding on the fly
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_net(image, tiny_net.encoder(image)), anomaly_map)
+
+
+def test_plain_autoencoder_configuration_has_no_flow():
+    net = AEFlow(encoder_weights="none", image_size=32, flow_blocks=0)
+    net.train()
+    out = net(torch.rand(1, 1, 32, 32))
+    assert net.flow is None and float(out.log_jac_det) == 0.0
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"image_size": 250}, "multiples of the encoder stride 16"),
+        ({"subnet": "mlp"}, "cnn2, resnet"),
+        ({"beta": -1}, "beta must lie in"),
+        ({"in_channels": 2}, "in_channels must be 1"),
+        ({"score_reduction": "median"}, "mean, max, topk"),
+    ],
+)
+def test_bad_network_settings_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        AEFlow(encoder_weights="none", **{"image_size": 64, **kwargs})
+
+
+def test_wrong_input_shape_is_explained(tiny_net):
+    tiny_net.eval()
+    with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 64, 64\)"):
+        tiny_net(torch.rand(1, 3, 64, 64))
