@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 SHAPE = (96, 96, 48)  # H, W, D (axial slices along the last axis)
 SPACING = (2.0, 2.0, 3.0)
 CENTRAL_FRACTION = 0.5  # the paper keeps the central portion of each volume
-SPLITS = {"training": (24, 0), "validation": (6, 6), "test": (8, 8)}  # (healthy, with lesion) volumes
+SPLITS = {"training": (8, 0), "validation": (3, 3), "test": (4, 4)}  # (healthy, with lesion) volumes
 DATALIST_NAME = "datalist.json"
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 
 
 def _ellipsoid(grid, center, radii):
@@ -76,7 +76,7 @@ def _slice_items(image: str, mask: np.ndarray) -> list[dict]:
 
 
 def prepare_default_dataset(
-    dataset_dir: str | os.PathLike, seed: int = 20230301, splits: dict = SPLITS, shape=SHAPE, slice_step: int = 1
+    dataset_dir: str | os.PathLike, seed: int = 20230301, splits: dict = SPLITS, shape=SHAPE, slice_step: int = 2
 ) -> dict:
     """Write the volumes and ``datalist.json`` once (idempotent); return the datalist.
 
