@@ -81,7 +81,10 @@ class AEFlowTrainer(SupervisedTrainer):
             parts = engine.loss_function(out.z_prime, out.log_jac_det, out.reconstruction.float(), images)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = parts["loss"]
+        # the image gives the output a batch dimension, so that MONAI's decollation (and with it the default
+        # `--tracking mlflow` output transform) sees one item per image, as with MONAI's own trainers
         engine.state.output = {
+            "image": images,
             "loss": loss.detach(),
             "loss_flow": parts["loss_flow"],
             "loss_recon": parts["loss_recon"],

@@ -11,9 +11,10 @@ import threading
 from collections import OrderedDict
 from typing import Hashable, Mapping
 
+import monai.data
 import torch
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import LoadImage, MapTransform
 from monai.utils import convert_to_tensor
 
 
@@ -134,4 +135,29 @@ class CachedVolumed(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = self._volume(key, d[key]).clone()  # a private copy: later transforms append to its metadata
+        return d
+
+
+class StrictLoadImaged(MapTransform):
+    """``LoadImaged`` without the silent fallback to other readers.
+
+    When the named reader fails, MONAI's loader tries every other registered reader; for a truncated ``.nii.gz``
+    ITK then returns garbage voxels without an error. Here the named reader is the only one tried, and a failure
+    names the file and the reader.
+    """
+
+    def __init__(self, keys: KeysCollection, reader: str | None = "NibabelReader", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.reader = getattr(monai.data, reader)() if reader else None
+        self.loader = LoadImage(image_only=True)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            path = d[key]
+            try:
+                d[key] = self.loader(path, reader=self.reader)
+            except Exception as error:
+                reader = type(self.reader).__name__ if self.reader else "MONAI's readers"
+                raise ValueError(f"Cannot read image {path} with {reader}: {error}") from error
         return d
