@@ -3,6 +3,8 @@ and a shared ``mlflow server`` on loopback, both read back through MLflow's clie
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +85,7 @@ def mlflow_server(tmp_path):
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the server's workers are stopped with it
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
@@ -94,11 +97,23 @@ def mlflow_server(tmp_path):
             time.sleep(2)
         assert server.poll() is None, "mlflow server exited"
     else:
-        server.kill()
+        _stop(server)
         pytest.fail("mlflow server did not become healthy in 300 s")
     yield url
-    server.terminate()
-    server.wait(timeout=30)
+    _stop(server)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group; SIGKILL it if it has not exited within 30 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(server.pid, sig)
+            server.wait(timeout=30)
+            return
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def test_shared_tracking_server(bundle_root, tiny_dataset, tmp_path, mlflow_server):
