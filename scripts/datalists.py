@@ -29,7 +29,7 @@ def prepare_datalist(dataset_dir: str, datalist_file: str | None = None, generat
     datalist_file = datalist_file or os.path.join(dataset_dir, "datalist.json")
     if not os.path.isfile(datalist_file):
         raise FileNotFoundError(
-            f"Datalist {datalist_file!r} does not exist; create it with the dataset adapters (docs/README.md)."
+            f"Datalist {datalist_file!r} does not exist; create it with the dataset adapters (docs/datasets.md)."
         )
     return datalist_file
 
