@@ -11,7 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from . import reports
-from .metrics import METRICS, anomaly_metrics, validation_protocol
+from .metrics import METRICS, anomaly_metrics, best_f1_threshold, choose_beta, validation_protocol
+from .scores import BETA_GRID
 
 logger = logging.getLogger(__name__)
 
@@ -49,10 +50,13 @@ class AnomalyMetricsHandler:
     """Collects score terms over an epoch; at its end computes AUC, F1, ACC, SEN, SPE into ``engine.state.metrics``.
 
     ``calibrate=True`` (validation during training) first fits the scorer's normalisation on the normal images
-    of this epoch and re-scores with it, so a checkpoint saved on this epoch's metric carries matching statistics.
+    of this epoch, chooses beta when the scorer's ``beta_selection`` is ``"validation"``, re-scores, and stores
+    the best-F1 threshold as the operating point; a checkpoint saved on this epoch's metric carries all three.
+    Without ``calibrate``, a stored threshold is applied unchanged (``deployment_protocol`` in the metrics JSON).
     With ``output_dir`` it also writes ``<prefix>metrics.json``, ``<prefix>scores.csv`` and, with ``plots``,
     the ROC curve, the score distributions and original / reconstruction / residual panels.
-    Attach it before ``CheckpointSaver`` so the saver sees this epoch's metric.
+    Attach it before ``CheckpointSaver`` so the saver sees this epoch's metric. ``distributed=True`` (evaluation
+    sharded by a ``DistributedSampler``) gathers every process's records first; process 0 writes the outputs.
     """
 
     def __init__(
@@ -65,8 +69,10 @@ class AnomalyMetricsHandler:
         n_panel_samples: int = 4,
         protocol_folds: int = 0,
         seed: int = 0,
+        distributed: bool = False,
     ):
         self.network = network
+        self.distributed = distributed
         self.prefix = prefix
         self.calibrate = calibrate
         self.output_dir = output_dir
@@ -120,20 +126,53 @@ class AnomalyMetricsHandler:
     def scorer(self):
         return (self.network.module if hasattr(self.network, "module") else self.network).scorer
 
+    def _gather(self) -> bool:
+        """Merge every process's records (sharded evaluation); True on the process that writes the outputs."""
+        if not self.distributed:
+            return True
+        shards = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(shards, self.records)
+        merged = {key: [value for shard in shards for value in shard[key]] for key in self.records}
+        seen, keep = set(), []  # a padded sampler may hand one item to two processes: count it once
+        for index, name in enumerate(merged["name"]):
+            if name not in seen:
+                seen.add(name)
+                keep.append(index)
+        self.records = {key: [values[i] for i in keep] for key, values in merged.items()}
+        return torch.distributed.get_rank() == 0
+
     def complete(self, engine: Engine) -> dict:
+        writer = self._gather()
         labels = np.asarray(self.records["label"])
         terms = {name: torch.tensor(self.records[f"score_{name}"]) for name in ("flow", "recon")}
-        if self.calibrate:
-            normal = torch.as_tensor(labels == 0)
-            self.scorer.calibrate(terms["flow"][normal], terms["recon"][normal])
-        scores = self.scorer.combine(terms).numpy()
         labelled = labels >= 0
+        both_classes = bool((labels == 0).any() and (labels == 1).any())
+        if self.calibrate:
+            self._calibrate(labels, terms, both_classes)
+        scores = self.scorer.combine(terms).numpy()
         metrics = anomaly_metrics(labels[labelled], scores[labelled]) if labelled.any() else {}
+        if self.calibrate and both_classes:
+            self.scorer.threshold.fill_(best_f1_threshold(labels[labelled], scores[labelled]))
         engine.state.metrics.update({f"{self.prefix}{k}": metrics[k] for k in METRICS if k in metrics})
         logger.info("%s", ", ".join(f"{self.prefix}{k}: {metrics[k]:.4f}" for k in METRICS if k in metrics))
-        if self.output_dir:
+        if self.output_dir and writer:
             self._write(labels, scores, terms, metrics)
         return metrics
+
+    def _calibrate(self, labels: np.ndarray, terms: dict[str, torch.Tensor], both_classes: bool) -> None:
+        scorer = self.scorer
+        normal = torch.as_tensor(labels == 0)
+        scorer.calibrate(terms["flow"][normal], terms["recon"][normal])
+        if scorer.beta_selection == "validation" and both_classes:
+            labelled = labels >= 0
+            standardised = {name: scorer.standardize(name, value)[labelled].numpy() for name, value in terms.items()}
+            beta, aucs = choose_beta(
+                labels[labelled], standardised["flow"], standardised["recon"], BETA_GRID, scorer.configured_beta
+            )
+            scorer.set_beta(beta)
+            logger.info(
+                "beta chosen on validation: %.1f (AUC by beta: %s)", beta, {b: round(a, 4) for b, a in aucs.items()}
+            )
 
     def _write(self, labels, scores, terms, metrics) -> None:
         out = self.output_dir
@@ -147,6 +186,10 @@ class AnomalyMetricsHandler:
             reports.write_csv(os.path.join(out, f"{self.prefix}volume_scores.csv"), self.volume_rows(volumes, scores))
         summary = {"paper_protocol": metrics, "scorer": self.scorer_description()}
         both_classes = (labels == 0).any() and (labels == 1).any()
+        threshold = float(self.scorer.threshold)
+        if not self.calibrate and both_classes and np.isfinite(threshold):
+            labelled = labels >= 0
+            summary["deployment_protocol"] = anomaly_metrics(labels[labelled], scores[labelled], threshold)
         if self.protocol_folds and both_classes:
             summary["validation_protocol"] = validation_protocol(labels, scores, self.protocol_folds, seed=self.seed)
         reports.write_json(os.path.join(out, f"{self.prefix}metrics.json"), summary)
@@ -179,6 +222,8 @@ class AnomalyMetricsHandler:
         scorer = self.scorer
         return {
             "beta": scorer.beta,
+            "beta_selection": scorer.beta_selection,
+            "threshold": float(scorer.threshold),
             "flow_score": scorer.flow_score,
             "reduction": scorer.reduction,
             "normalization": scorer.normalization,

@@ -62,6 +62,7 @@ class AEFlow(nn.Module):
         score_normalization: str = "zscore",
         data_range: float = 1.0,
         ssim_window: int = 11,
+        beta_selection: str = "fixed",
     ):
         super().__init__()
         if in_channels not in (1, 3):
@@ -91,6 +92,7 @@ class AEFlow(nn.Module):
             normalization=score_normalization,
             data_range=data_range,
             ssim_window=ssim_window,
+            beta_selection=beta_selection,
         )
 
     def trainable_parameters(self):

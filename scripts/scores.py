@@ -10,9 +10,14 @@ Both terms are kept as maps so that one definition serves image and pixel level 
   depends on which other images share its batch.
 
 Each term can be standardised with statistics of normal images (``normalization="zscore"``), which makes the
-two terms commensurate before the beta-weighted sum. Each term map is reduced to an image-level term (``mean``
-as in equation (2); ``max`` and ``topk`` favour small, local anomalies) and the terms are combined; the pixel
-map combines the standardised term maps the same way, so with ``mean`` the image score is the map's mean.
+two terms commensurate before the beta-weighted sum. Which term carries the signal differs between data sets
+(measured: the flow term on Chest X-ray, where -SSIM points the wrong way, the reconstruction terms on skin
+lesions), so ``beta_selection="validation"`` lets the validation split choose beta from ``BETA_GRID``; the
+chosen beta and the operating threshold (best F1 on validation) are buffers that travel with the model.
+
+Each term map is reduced to an image-level term (``mean`` as in equation (2); ``max`` and ``topk`` favour small,
+local anomalies) and the terms are combined; the pixel map combines the standardised term maps the same way, so
+with ``mean`` the image score is the map's mean.
 
 >>> scorer = AnomalyScorer(beta=0.9)
 >>> maps = scorer.term_maps(torch.randn(2, 8, 4, 4), torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64))
@@ -33,6 +38,8 @@ FLOW_SCORES = ("nll", "density")
 REDUCTIONS = ("mean", "max", "topk")
 NORMALIZATIONS = ("none", "zscore")
 TERMS = ("flow", "recon")
+BETA_SELECTIONS = ("fixed", "validation")
+BETA_GRID = tuple(round(0.1 * step, 1) for step in range(11))
 
 
 def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -88,9 +95,12 @@ class AnomalyScorer(nn.Module):
         normalization: str = "zscore",
         data_range: float = 1.0,
         ssim_window: int = 11,
+        beta_selection: str = "fixed",
     ):
         super().__init__()
-        self.beta = check_weight("beta", beta)
+        self.configured_beta = check_weight("beta", beta)
+        self.register_buffer("beta_value", torch.tensor(self.configured_beta))
+        self.beta_selection = _check_option("beta_selection", beta_selection, BETA_SELECTIONS)
         self.flow_score = _check_option("flow_score", flow_score, FLOW_SCORES)
         self.reduction = _check_option("score_reduction", reduction, REDUCTIONS)
         self.normalization = _check_option("score_normalization", normalization, NORMALIZATIONS)
@@ -101,6 +111,15 @@ class AnomalyScorer(nn.Module):
         self.ssim_window = int(ssim_window)
         # rows: flow, recon; columns: mean, std.  Identity until calibrated.
         self.register_buffer("term_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+        # operating point for deployment: score >= threshold means abnormal; NaN until chosen on validation data
+        self.register_buffer("threshold", torch.tensor(float("nan")))
+
+    @property
+    def beta(self) -> float:
+        return round(float(self.beta_value), 6)  # float32 storage; 0.9 stays 0.9 in reports
+
+    def set_beta(self, beta: float) -> None:
+        self.beta_value.fill_(check_weight("beta", beta))
 
     def term_maps(self, z_prime: torch.Tensor, image: torch.Tensor, reconstruction: torch.Tensor):
         """Both score terms as image-sized maps, plus the absolute residual used in the figures."""
@@ -118,7 +137,7 @@ class AnomalyScorer(nn.Module):
 
     def combine(self, terms: dict[str, torch.Tensor], beta: float | None = None) -> torch.Tensor:
         """Equation (2) on term maps or on reduced image-level terms alike."""
-        beta = self.beta if beta is None else beta
+        beta = self.beta_value if beta is None else beta
         return beta * self.standardize("flow", terms["flow"]) + (1.0 - beta) * self.standardize("recon", terms["recon"])
 
     def reduce(self, score_map: torch.Tensor) -> torch.Tensor:

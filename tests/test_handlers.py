@@ -1,0 +1,66 @@
+"""The metrics handler's calibration on validation data: normalisation, beta choice and the stored threshold, and
+the deployment protocol that applies that threshold unchanged to the test set."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scripts.handlers import AnomalyMetricsHandler
+from scripts.scores import AnomalyScorer
+
+
+def _records(handler, labels, flow, recon):
+    handler.reset()
+    handler.records.update(
+        name=[f"image_{k}.png" for k in range(len(labels))],
+        volume=[""] * len(labels),
+        label=list(labels),
+        score_flow=list(flow),
+        score_recon=list(recon),
+    )
+
+
+def test_validation_calibration_then_deployment_protocol(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    # the reconstruction term separates, the flow term is noise: a validation-chosen beta must move towards 0
+    flow, recon = 5.0 + rng.normal(size=80), -0.8 + 0.05 * rng.normal(size=80) + 0.2 * labels
+    network = nn.Module()
+    network.scorer = AnomalyScorer(beta=0.9, beta_selection="validation")
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={}))
+
+    validation = AnomalyMetricsHandler(network, prefix="val_", calibrate=True)
+    _records(validation, labels, flow, recon)
+    validation.complete(engine)
+    scorer = network.scorer
+    assert scorer.beta <= 0.3
+    assert scorer.term_stats[0, 0].item() == pytest.approx(flow[labels == 0].mean(), rel=1e-5)
+    assert torch.isfinite(scorer.threshold)
+    assert engine.state.metrics["val_auc"] > 0.9
+    state = network.state_dict()  # everything chosen on validation travels in the checkpoint
+    assert {"scorer.beta_value", "scorer.threshold", "scorer.term_stats"} <= set(state)
+
+    test = AnomalyMetricsHandler(network, prefix="test_", output_dir=str(tmp_path))
+    _records(test, labels, flow + 0.1, recon)
+    test.complete(engine)
+    summary = json.load(open(tmp_path / "test_metrics.json"))
+    deployed = summary["deployment_protocol"]
+    assert deployed["threshold"] == scorer.threshold.item()
+    assert summary["scorer"]["beta"] == scorer.beta and summary["scorer"]["beta_selection"] == "validation"
+    assert deployed["auc"] == summary["paper_protocol"]["auc"]  # same scores, only the threshold differs
+
+
+def test_fixed_beta_is_left_alone():
+    network = nn.Module()
+    network.scorer = AnomalyScorer(beta=0.9, beta_selection="fixed")
+    handler = AnomalyMetricsHandler(network, calibrate=True)
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    _records(handler, labels, np.arange(20.0), -np.linspace(0.9, 0.5, 20))
+    handler.complete(SimpleNamespace(state=SimpleNamespace(metrics={})))
+    assert network.scorer.beta == 0.9
