@@ -2,7 +2,7 @@
 
 AE-FLOW is not supervised: its target is its input, its loss needs the flow's log-det, and its evaluation needs
 several score terms. Only ``_iteration`` changes; handlers, checkpointing, AMP, validation scheduling and
-MLflow tracking stay MONAI's. A batch may carry cached encoder ``features`` (see ``EncodeFeaturesd``), in which
+MLflow tracking stay MONAI's. A batch may carry cached encoder ``features`` (see ``scripts.feature_cache``), in which
 case the frozen encoder is skipped.
 """
 

@@ -1,5 +1,6 @@
-"""MONAI transforms that MONAI lacks for AE-FLOW: 3D-to-2D slice selection, channel matching, and running the
-frozen encoder once per image (so that ``CacheDataset`` / ``PersistentDataset`` cache its features).
+"""MONAI transforms that MONAI lacks for AE-FLOW: 3D-to-2D slice selection, channel matching, a per-volume cache
+for slice items, and loading without a silent reader fallback (the frozen encoder's features are cached by
+``scripts.feature_cache``).
 
 Everything else in the pipelines (loading with nibabel or ITK, orientation, intensity scaling, resizing) is
 MONAI's own and wired in the JSON configs.
@@ -15,7 +16,6 @@ import monai.data
 import torch
 from monai.config import KeysCollection
 from monai.transforms import LoadImage, MapTransform
-from monai.utils import convert_to_tensor
 
 
 class SelectSliced(MapTransform):
@@ -73,36 +73,6 @@ class EnsureChannelsd(MapTransform):
         return d
 
 
-class EncodeFeaturesd(MapTransform):
-    """Run the frozen encoder on one image and store its feature map under ``features_key``.
-
-    Placed last among the deterministic transforms, it lets MONAI's cache datasets hold encoder features, so
-    the encoder runs once per image instead of once per epoch (it never trains, paper 3.2).
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        encoder: torch.nn.Module,
-        features_key: str = "features",
-        device: torch.device | str = "cpu",
-        allow_missing_keys=False,
-    ):
-        super().__init__(keys, allow_missing_keys)
-        self.encoder = encoder
-        self.features_key = features_key
-        self.device = torch.device(device)
-
-    @torch.no_grad()
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            # a plain tensor: MetaTensor bookkeeping on every encoder op would cost more than the convolutions
-            image = convert_to_tensor(d[key], dtype=torch.float32, track_meta=False).to(self.device)
-            d[self.features_key] = self.encoder(image[None]).squeeze(0).cpu()
-        return d
-
-
 class CachedVolumed(MapTransform):
     """Apply volume-level transforms once per volume and hand out copies to every slice item of that volume.
 
@@ -146,9 +116,15 @@ class StrictLoadImaged(MapTransform):
     names the file and the reader.
     """
 
-    def __init__(self, keys: KeysCollection, reader: str | None = "NibabelReader", allow_missing_keys=False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        reader: str | None = "NibabelReader",
+        reader_args: dict | None = None,
+        allow_missing_keys=False,
+    ):
         super().__init__(keys, allow_missing_keys)
-        self.reader = getattr(monai.data, reader)() if reader else None
+        self.reader = getattr(monai.data, reader)(**(reader_args or {})) if reader else None
         self.loader = LoadImage(image_only=True)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
