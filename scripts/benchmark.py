@@ -1,0 +1,174 @@
+"""Side-by-side speed of AE-FLOW on this machine: training images/s with the encoder run every step (naive)
+versus from cached features, the one-off encoding rate, inference images/s (float32, and bf16 autocast on CPU),
+and peak resident memory, for each encoder at the paper's 256 x 256, on the same images.
+
+    python -m scripts.benchmark --encoders efficientnet-lite0 wide_resnet50_2 --output docs/benchmarks
+
+Each encoder is measured in its own process so that its peak memory is its own. Speed does not depend on the
+weights' values, so Wide-ResNet-50-2 is timed with random weights when its ImageNet file is not available (said
+in the output). Writes ``<output>/<machine>.json`` and the table in ``<output>.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(memory, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def _rate(step, images_per_step: int, repeats: int, device: torch.device) -> float:
+    step()  # warm-up: allocations, kernels
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return images_per_step * repeats / (time.perf_counter() - started)
+
+
+def measure(encoder: str, image_size: int, batch_size: int, repeats: int, device: str) -> dict:
+    """All rates for one encoder, in this process."""
+    from .encoders import EncoderWeightsUnavailable
+    from .losses import AEFlowLoss
+    from .networks import AEFlow
+
+    device = torch.device(device)
+    try:
+        network, weights = AEFlow(encoder=encoder, encoder_weights="imagenet", image_size=image_size), "imagenet"
+    except EncoderWeightsUnavailable:
+        network, weights = (
+            AEFlow(encoder=encoder, encoder_weights="none", image_size=image_size),
+            "random (timing only)",
+        )
+    network.to(device)
+    loss_function = AEFlowLoss(alpha=0.5)
+    optimizer = torch.optim.Adam(network.trainable_parameters(), lr=1e-4)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(batch_size, 1, image_size, image_size, generator=generator).to(device)
+    with torch.no_grad():
+        features = network.encoder(images)
+
+    def train_step(cached: bool):
+        network.train()
+        out = network(images, features if cached else None)
+        loss = loss_function(*out, images)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    @torch.no_grad()
+    def infer(autocast: bool):
+        network.eval()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            network(images)
+
+    @torch.no_grad()
+    def encode():
+        network.encoder(images)
+
+    result = {"encoder": encoder, "weights": weights, "image_size": image_size, "batch_size": batch_size}
+    result["train_naive_images_per_s"] = _rate(lambda: train_step(False), batch_size, repeats, device)
+    result["train_cached_images_per_s"] = _rate(lambda: train_step(True), batch_size, repeats, device)
+    result["encode_images_per_s"] = _rate(encode, batch_size, repeats, device)
+    result["inference_images_per_s"] = _rate(lambda: infer(False), batch_size, repeats, device)
+    result["inference_bf16_images_per_s"] = _rate(lambda: infer(True), batch_size, repeats, device)
+    with torch.no_grad():
+        network.eval()
+        reference = network(images)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            low = network(images).float()
+    result["bf16_max_abs_map_difference"] = float((reference - low).abs().max())
+    result["cached_speed_up"] = result["train_cached_images_per_s"] / result["train_naive_images_per_s"]
+    result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _table(report: dict) -> str:
+    lines = [
+        f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
+        f"{report['machine']['memory_gib']} GiB, torch {report['machine']['torch']}"
+        + (f", {report['machine']['cuda']}" if report["machine"]["cuda"] else ", CPU only")
+        + f"; {report['date']}.",
+        "",
+        "| encoder | weights | train naive (img/s) | train cached (img/s) | speed-up | encode (img/s) "
+        "| inference fp32 (img/s) | inference bf16 (img/s) | peak RSS (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        lines.append(
+            f"| {r['encoder']} | {r['weights']} | {r['train_naive_images_per_s']:.1f} | "
+            f"{r['train_cached_images_per_s']:.1f} | {r['cached_speed_up']:.1f}x | {r['encode_images_per_s']:.1f} | "
+            f"{r['inference_images_per_s']:.1f} | {r['inference_bf16_images_per_s']:.1f} | {r['peak_rss_mib']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m scripts.benchmark", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--encoders", nargs="+", default=["efficientnet-lite0", "wide_resnet50_2"])
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--output", default="docs/benchmarks")
+    parser.add_argument("--machine-name", default=platform.node() or "machine")
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one encoder, print JSON
+    args = parser.parse_args(argv)
+    if args.one:
+        print(json.dumps(measure(args.one, args.image_size, args.batch_size, args.repeats, args.device)))
+        return
+    results = []
+    for encoder in args.encoders:
+        print(f"measuring {encoder} ...", file=sys.stderr, flush=True)
+        command = [sys.executable, "-m", "scripts.benchmark", "--one", encoder, "--image-size", str(args.image_size)]
+        command += ["--batch-size", str(args.batch_size), "--repeats", str(args.repeats), "--device", args.device]
+        done = subprocess.run(command, check=True, capture_output=True, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(json.dumps(results[-1], indent=1), file=sys.stderr)
+    report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": args.device, "results": results}
+    from .reports import write_json
+
+    write_json(Path(args.output) / f"{args.machine_name}.json", report)
+    table = Path(f"{args.output}.md")
+    header = "# Benchmarks\n\nWritten by `python -m scripts.benchmark`; one section per machine.\n\n"
+    previous = table.read_text() if table.exists() else header
+    section = f"## {args.machine_name} ({args.device})\n\n{_table(report)}"
+    marker = f"## {args.machine_name} ({args.device})\n"
+    if marker in previous:
+        start = previous.index(marker)
+        end = previous.find("\n## ", start + 1)
+        previous = previous[:start] + section + (previous[end + 1 :] if end != -1 else "")
+    else:
+        previous = previous.rstrip("\n") + "\n\n" + section
+    table.write_text(previous)
+    print(_table(report))
+
+
+if __name__ == "__main__":
+    main()

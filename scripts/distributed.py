@@ -1,0 +1,19 @@
+"""Helpers for ``configs/multi_gpu_train.json`` and ``configs/multi_gpu_evaluate.json`` (torchrun + DDP)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+
+def check_world_size(items: Sequence, world_size: int) -> int:
+    """Stop before training when there are fewer training items than processes.
+
+    ``DistributedSampler`` would pad every rank with repeats of the same few items, so each process would train
+    on copies: a silently wrong run rather than a faster one.
+    """
+    if len(items) < world_size:
+        raise ValueError(
+            f"{len(items)} training item(s) for {world_size} processes: use at most {len(items)} processes "
+            "(torchrun --nproc_per_node / --nnodes), or more data."
+        )
+    return len(items)
