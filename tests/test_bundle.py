@@ -9,38 +9,8 @@ import json
 import nibabel as nib
 import pytest
 import torch
-from conftest import SHARED, TINY_OVERRIDES
-from monai.bundle import ConfigWorkflow, ckpt_export, verify_metadata, verify_net_in_out
-
-
-def _workflow(root, configs, workflow_type, **override):
-    workflow = ConfigWorkflow(
-        config_file=[str(root / "configs" / name) for name in configs],
-        meta_file=str(root / "configs" / "metadata.json"),
-        logging_file=str(root / "configs" / "logging.conf"),
-        workflow_type=workflow_type,
-        **override,
-    )
-    workflow.initialize()
-    assert not workflow.check_properties()  # every id MONAI's tools expect is there and wired correctly
-    return workflow
-
-
-@pytest.fixture(scope="module")
-def trained(bundle_root, tiny_dataset, tmp_path_factory):
-    """One epoch of training; returns the overrides that locate its outputs."""
-    out = tmp_path_factory.mktemp("bundle_run")
-    override = {
-        "bundle_root": str(bundle_root),
-        "dataset_dir": str(tiny_dataset),
-        "ckpt_dir": str(out / "models"),
-        "output_dir": str(out / "eval"),
-        **TINY_OVERRIDES,
-    }
-    workflow = _workflow(bundle_root, ["train.json"], "train", **override)
-    workflow.run()
-    workflow.finalize()
-    return override
+from conftest import SHARED, bundle_workflow
+from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
 
 
 def test_training_writes_a_calibrated_checkpoint_and_validation_metrics(trained):
@@ -52,7 +22,7 @@ def test_training_writes_a_calibrated_checkpoint_and_validation_metrics(trained)
 
 
 def test_evaluate_writes_metrics_and_figures(bundle_root, trained):
-    workflow = _workflow(bundle_root, ["train.json", "evaluate.json"], "train", **trained)
+    workflow = bundle_workflow(bundle_root, ["train.json", "evaluate.json"], "train", **trained)
     workflow.run()
     workflow.finalize()
     out = trained["output_dir"]
@@ -65,6 +35,8 @@ def test_evaluate_writes_metrics_and_figures(bundle_root, trained):
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader(open(f"{out}/test_scores.csv")))
     assert len(rows) == metrics["paper_protocol"]["n_normal"] + metrics["paper_protocol"]["n_abnormal"]
+    # the operating threshold chosen on validation is applied unchanged to the test set
+    assert metrics["deployment_protocol"]["threshold"] == metrics["scorer"]["threshold"]
 
 
 def test_inference_scores_volumes_slice_by_slice_and_saves_maps(bundle_root, tiny_dataset, trained, tmp_path):
@@ -72,7 +44,7 @@ def test_inference_scores_volumes_slice_by_slice_and_saves_maps(bundle_root, tin
     override.update(
         dataset_dir=str(tiny_dataset / "volumes"), input_glob="test_*_flair.nii.gz", output_dir=str(tmp_path)
     )
-    workflow = _workflow(bundle_root, ["inference.json"], "infer", **override)
+    workflow = bundle_workflow(bundle_root, ["inference.json"], "infer", **override)
     workflow.run()
     workflow.finalize()
     volumes = sorted((tiny_dataset / "volumes").glob("test_*_flair.nii.gz"))
