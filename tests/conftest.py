@@ -17,6 +17,21 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 TINY_OVERRIDES = {"image_size": 64, "epochs": 1, "batch_size": 8, "num_workers": 0, "flow_blocks": 2}
 
 
+def pytest_sessionfinish(session, exitstatus):
+    session.config._aeflow_exitstatus = int(exitstatus)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """End the process once pytest has reported: the interpreter's teardown of ITK (which MONAI imports) keeps a
+    finished run busy for many minutes on a small CPU, and CI would wait for it."""
+    status = getattr(config, "_aeflow_exitstatus", None)
+    if status is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
 @pytest.fixture(scope="session")
 def bundle_root() -> Path:
     return BUNDLE_ROOT
