@@ -91,14 +91,14 @@ def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.Pa
     example = ", ".join(
         f"{k}: checkpoint {found.get(k, 'missing')} vs network {expected.get(k, 'missing')}" for k in differing[:3]
     )
-    if parts == ["encoder"] or ("encoder" in parts and "decoder" in parts and "flow" not in parts):
+    if "encoder" in parts:  # a different backbone also changes the widths the flow and decoder see
         encoder = _network_signature(network)["encoder"]
         reason = f"it was saved with another encoder than this network's {encoder!r}"
     else:
         reason = f"it was saved from another architecture (differs in {', '.join(parts)}: flow_blocks, subnet, "
         reason += "image_size, in_channels or encoder settings)"
     raise CheckpointError(
-        f"Checkpoint {path} does not fit the network: {reason}; {len(differing)} entries differ, " f"e.g. {example}."
+        f"Checkpoint {path} does not fit the network: {reason}; {len(differing)} entries differ, e.g. {example}."
     )
 
 
