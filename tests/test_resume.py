@@ -18,6 +18,7 @@ from conftest import TINY_OVERRIDES
 from monai.bundle import ConfigWorkflow
 
 EPOCHS = 3
+TIMEOUT_S = 3600  # a subprocess pays for `import monai` and caching; minutes on a loaded two-core machine
 
 
 def _override(bundle_root, dataset, out) -> dict:
@@ -83,12 +84,12 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(bundle_root, tiny_
     command.append(f"--args_file={args_file}")
     env = {**os.environ, "PYTHONPATH": str(bundle_root)}
 
-    killed = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=900)
+    killed = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert killed.returncode == -9, killed.stderr[-3000:]
     resume_files = sorted(os.listdir(f"{override['ckpt_dir']}/resume"))
     assert resume_files == ["resume_checkpoint_1.pt"], resume_files  # complete files only, no temporary left
 
-    resumed = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resumed training from" in resumed.stdout + resumed.stderr
     metrics, state = _results(override)
