@@ -58,6 +58,7 @@ class AEFlowTrainer(SupervisedTrainer):
         self.image_key = image_key
         self.features_key = features_key
         self.state.skipped_batches = 0
+        self._state_dict_user_keys.append("skipped_batches")  # saved with the trainer, so a resumed run keeps count
 
     def _nonfinite(self, engine, what: str) -> bool:
         message = (

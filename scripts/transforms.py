@@ -12,10 +12,11 @@ import threading
 from collections import OrderedDict
 from typing import Hashable, Mapping
 
-import monai.data
 import torch
 from monai.config import KeysCollection
-from monai.transforms import LoadImage, MapTransform
+from monai.transforms import MapTransform
+
+from .inputs import StrictImageLoader
 
 
 class SelectSliced(MapTransform):
@@ -109,11 +110,11 @@ class CachedVolumed(MapTransform):
 
 
 class StrictLoadImaged(MapTransform):
-    """``LoadImaged`` without the silent fallback to other readers.
+    """``LoadImaged`` without the silent fallback to other readers, plus the checks of ``inputs.StrictImageLoader``.
 
-    When the named reader fails, MONAI's loader tries every other registered reader; for a truncated ``.nii.gz``
-    ITK then returns garbage voxels without an error. Here the named reader is the only one tried, and a failure
-    names the file and the reader.
+    The named reader (or, with ``reader=None``, the one MONAI prefers for the file's suffix) is the only one
+    tried; a missing, empty, unreadable, non-finite or constant image raises ``BadInputError`` naming the file
+    and the reason, and so does a path outside ``data_root`` when that is set.
     """
 
     def __init__(
@@ -121,19 +122,15 @@ class StrictLoadImaged(MapTransform):
         keys: KeysCollection,
         reader: str | None = "NibabelReader",
         reader_args: dict | None = None,
+        data_root: str | None = None,
+        allow_constant: bool = False,
         allow_missing_keys=False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.reader = getattr(monai.data, reader)(**(reader_args or {})) if reader else None
-        self.loader = LoadImage(image_only=True)
+        self.loader = StrictImageLoader(reader, data_root, allow_constant, reader_args)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            path = d[key]
-            try:
-                d[key] = self.loader(path, reader=self.reader)
-            except Exception as error:
-                reader = type(self.reader).__name__ if self.reader else "MONAI's readers"
-                raise ValueError(f"Cannot read image {path} with {reader}: {error}") from error
+            d[key] = self.loader(d[key])
         return d

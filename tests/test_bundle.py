@@ -1,5 +1,5 @@
 """The bundle as MONAI's tools see it, in the model-zoo's order: train -> evaluate -> infer on tiny synthetic
-volumes, then the metadata, network shape and TorchScript export checks."""
+volumes. The metadata, network shape and export checks are in test_zoo_checks.py and test_export.py."""
 
 from __future__ import annotations
 
@@ -7,10 +7,8 @@ import csv
 import json
 
 import nibabel as nib
-import pytest
 import torch
-from conftest import SHARED, bundle_workflow
-from monai.bundle import ckpt_export, verify_metadata, verify_net_in_out
+from conftest import bundle_workflow
 
 
 def test_training_writes_a_calibrated_checkpoint_and_validation_metrics(trained):
@@ -57,47 +55,5 @@ def test_inference_scores_volumes_slice_by_slice_and_saves_maps(bundle_root, tin
         original = nib.load(volume)
         assert saved.shape[:3] == original.shape  # back on the input's grid
         assert abs(saved.affine - original.affine).max() < 1e-4
-
-
-def test_verify_metadata_against_the_shared_schema(bundle_root, tmp_path):
-    schema = SHARED / "schemas" / "meta_schema_20240725.json"
-    if not schema.is_file():
-        pytest.skip("shared schema not present")
-    target = tmp_path / "schema.json"
-    target.write_bytes(schema.read_bytes())
-    verify_metadata(meta_file=str(bundle_root / "configs" / "metadata.json"), filepath=str(target))
-
-
-def test_verify_net_in_out(bundle_root):
-    verify_net_in_out(
-        net_id="network_def",
-        meta_file=str(bundle_root / "configs" / "metadata.json"),
-        config_file=str(bundle_root / "configs" / "inference.json"),
-        device="cpu",
-        flow_blocks=2,
-    )
-
-
-def test_traced_torchscript_export_matches_eager(bundle_root, trained, tmp_path):
-    ts_file = tmp_path / "model.ts"
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(ts_file),
-        ckpt_file=f"{trained['ckpt_dir']}/model.pt",
-        meta_file=str(bundle_root / "configs" / "metadata.json"),
-        config_file=str(bundle_root / "configs" / "inference.json"),
-        bundle_root=str(bundle_root),
-        image_size=trained["image_size"],
-        flow_blocks=trained["flow_blocks"],
-        use_trace=True,
-        input_shape=[1, 1, trained["image_size"], trained["image_size"]],
-    )
-    from scripts.networks import AEFlow
-
-    eager = AEFlow(image_size=trained["image_size"], flow_blocks=trained["flow_blocks"])
-    eager.load_state_dict(torch.load(f"{trained['ckpt_dir']}/model.pt", weights_only=True))
-    eager.eval()
-    traced = torch.jit.load(str(ts_file))
-    image = torch.rand(2, 1, trained["image_size"], trained["image_size"])
-    with torch.no_grad():
-        torch.testing.assert_close(traced(image), eager(image), atol=1e-5, rtol=1e-5)
+        assert (tmp_path / volume.name.replace(".nii.gz", "_anomaly_mask.nii.gz")).is_file()
+    assert not (tmp_path / ".partial").exists()

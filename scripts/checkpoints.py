@@ -1,0 +1,314 @@
+"""Checkpoints you can trust: loaded without running code, checked against the network before use, never written
+with non-finite values, and a full training state saved every epoch so that a killed run resumes where it was.
+
+* ``VerifiedCheckpointLoader``: MONAI's ``CheckpointLoader`` that says *which* problem a refused checkpoint has
+  (corrupt file, another encoder, another architecture) instead of a list of missing keys.
+* ``FiniteCheckpointSaver``: MONAI's ``CheckpointSaver`` that refuses to write non-finite weights.
+* ``ResumeCheckpoint``: network, optimiser, trainer (epoch, iteration), RNG state and the best-model tracker,
+  written atomically at the end of every epoch; at start the latest one is loaded, when there is one.
+
+>>> resume = ResumeCheckpoint("models/resume", {"model": net, "optimizer": opt})  # doctest: +SKIP
+>>> resume.attach(trainer)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, DiskSaver
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+logger = logging.getLogger(__name__)
+RESUME_PREFIX = "resume"
+_RESUME_FILE = re.compile(rf"^{RESUME_PREFIX}_checkpoint_(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that must not be used; the message names the file and the reason."""
+
+
+def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
+    """``torch.load`` with ``weights_only=True`` (a checkpoint is data, never code), with a readable refusal."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"Checkpoint {path} does not exist or is not a file.")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:
+        raise CheckpointError(
+            f"Checkpoint {path} is corrupt or not a plain weights file (truncated, not a PyTorch file, or it holds "
+            f"objects that weights_only loading refuses): {error}"
+        ) from error
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointError(f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict.")
+    return checkpoint
+
+
+def nonfinite_entries(state, prefix: str = "") -> list[str]:
+    """Names of the floating-point tensors in a (nested) state dict that hold NaN or Inf."""
+    if isinstance(state, torch.Tensor):
+        return [prefix or "tensor"] if state.is_floating_point() and not torch.isfinite(state).all() else []
+    if isinstance(state, Mapping):
+        items = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return []
+    return [
+        name for key, value in items for name in nonfinite_entries(value, f"{prefix}.{key}" if prefix else str(key))
+    ]
+
+
+def _network_signature(network: torch.nn.Module) -> dict:
+    network = network.module if hasattr(network, "module") else network
+    encoder = getattr(network, "encoder", None)
+    signature = {"encoder": getattr(encoder, "name", None)}
+    for name in ("image_size", "in_channels"):
+        if hasattr(network, name):
+            value = getattr(network, name)
+            signature[name] = list(value) if isinstance(value, tuple) else value
+    return signature
+
+
+def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.PathLike) -> None:
+    """Refuse a state dict that does not fit ``network``, saying whether the encoder or the architecture differs."""
+    network = network.module if hasattr(network, "module") else network
+    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if len(found) != len(state) or not found:
+        raise CheckpointError(f"Checkpoint {path} is not a network state dict (it has non-tensor entries or none).")
+    differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    if not differing:
+        return
+    parts = sorted({k.split(".")[0] for k in differing})
+    example = ", ".join(
+        f"{k}: checkpoint {found.get(k, 'missing')} vs network {expected.get(k, 'missing')}" for k in differing[:3]
+    )
+    if "encoder" in parts:  # a different backbone also changes the widths the flow and decoder see
+        encoder = _network_signature(network)["encoder"]
+        reason = f"it was saved with another encoder than this network's {encoder!r}"
+    else:
+        reason = f"it was saved from another architecture (differs in {', '.join(parts)}: flow_blocks, subnet, "
+        reason += "image_size, in_channels or encoder settings)"
+    raise CheckpointError(
+        f"Checkpoint {path} does not fit the network: {reason}; {len(differing)} entries differ, e.g. {example}."
+    )
+
+
+class NetworkSignature:
+    """The network settings a checkpoint was made with, saved next to its weights for a precise refusal message."""
+
+    def __init__(self, network: torch.nn.Module):
+        self.network = network
+
+    def state_dict(self) -> dict:
+        return _network_signature(self.network)
+
+    def load_state_dict(self, state: Mapping) -> None:
+        current = self.state_dict()
+        differing = {k: (state.get(k), v) for k, v in current.items() if state.get(k) != v}
+        if differing:
+            raise CheckpointError(
+                "the checkpoint was saved with "
+                + "; ".join(f"{k} {saved!r} but this run uses {now!r}" for k, (saved, now) in differing.items())
+            )
+
+
+class RNGState:
+    """Python, NumPy and torch (CPU and CUDA) random states, as plain tensors and tuples for ``weights_only``."""
+
+    def state_dict(self) -> dict:
+        kind, keys, pos, has_gauss, gauss = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": {
+                "kind": kind,
+                "keys": torch.from_numpy(keys.astype(np.int64)),
+                "pos": int(pos),
+                "has_gauss": int(has_gauss),
+                "gauss": float(gauss),
+            },
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+        torch.set_rng_state(state["torch"].cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+class KeyMetricTracker:
+    """The best-metric record of a ``CheckpointSaver``, so a resumed run only replaces ``model.pt`` when it beats
+    the best epoch before the interruption."""
+
+    def __init__(self, saver: CheckpointSaver):
+        if getattr(saver, "_key_metric_checkpoint", None) is None:
+            raise ValueError("Only a CheckpointSaver with save_key_metric=True has a best-metric record to resume.")
+        self.saver = saver
+
+    def state_dict(self) -> dict:
+        return dict(self.saver._key_metric_checkpoint.state_dict())
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.saver.load_state_dict(state)
+
+
+def _load_objects(load_dict: Mapping, checkpoint: Mapping, path, strict: bool = True) -> None:
+    """Check every network against its saved weights (and signature), then let Ignite load everything."""
+    single = len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint
+    for key, obj in load_dict.items():  # the saved settings first: they give the most precise refusal
+        if isinstance(obj, NetworkSignature) and isinstance(checkpoint.get(key), Mapping):
+            try:
+                obj.load_state_dict(checkpoint[key])
+            except CheckpointError as error:
+                raise CheckpointError(f"Checkpoint {path} does not fit this run: {error}.") from error
+    for key, obj in load_dict.items():
+        if isinstance(obj, torch.nn.Module):
+            state = checkpoint if single else checkpoint.get(key)
+            if not isinstance(state, Mapping):
+                raise CheckpointError(f"Checkpoint {path} has no {key!r} entry; it holds {sorted(checkpoint)}.")
+            check_state_dict(obj, state, path)
+    try:
+        Checkpoint.load_objects(to_load=dict(load_dict), checkpoint=dict(checkpoint), strict=strict)
+    except (KeyError, RuntimeError, ValueError) as error:
+        raise CheckpointError(f"Checkpoint {path} cannot be loaded into this run: {error}") from error
+
+
+class VerifiedCheckpointLoader(CheckpointLoader):
+    """MONAI's ``CheckpointLoader`` (``weights_only`` loading, trainer resume) with checks and plain refusals."""
+
+    def __call__(self, engine: Engine) -> None:
+        checkpoint = load_checkpoint(self.load_path, self.map_location)
+        prior_max_epochs = engine.state.max_epochs
+        _load_objects(self.load_dict, checkpoint, self.load_path, strict=self.strict)
+        if prior_max_epochs is not None and engine.state.epoch > prior_max_epochs:
+            raise ValueError(
+                f"Epoch count ({engine.state.epoch}) in checkpoint {self.load_path} is larger than max_epochs "
+                f"({prior_max_epochs}); raise max_epochs to train further."
+            )
+        engine.state.max_epochs = prior_max_epochs
+        self.logger.info(f"Restored all variables from {self.load_path}")
+
+
+def _save_dict_is_finite(save_dict: Mapping, what: str) -> bool:
+    bad = [name for key, obj in save_dict.items() for name in nonfinite_entries(obj.state_dict(), key)]
+    if bad:
+        logger.error("Not saving %s: non-finite values in %s%s.", what, ", ".join(bad[:5]), " ..." * (len(bad) > 5))
+    return not bad
+
+
+class FiniteCheckpointSaver(CheckpointSaver):
+    """MONAI's ``CheckpointSaver`` that never writes a checkpoint with NaN or Inf weights; the last good file stays."""
+
+    def _finite(self) -> bool:
+        return _save_dict_is_finite(self.save_dict, f"checkpoint in {self.save_dir}")
+
+    def completed(self, engine: Engine) -> None:
+        if self._finite():
+            super().completed(engine)
+
+    def exception_raised(self, engine: Engine, e: Exception) -> None:
+        if self._finite():
+            super().exception_raised(engine, e)
+        raise e
+
+    def metrics_completed(self, engine: Engine) -> None:
+        if self._finite():
+            super().metrics_completed(engine)
+
+    def interval_completed(self, engine: Engine) -> None:
+        if self._finite():
+            super().interval_completed(engine)
+
+
+def latest_resume_checkpoint(save_dir: str | os.PathLike) -> Path | None:
+    """The resume checkpoint with the highest epoch in ``save_dir`` (files are complete: they are written
+    atomically)."""
+    found = [(int(m.group(1)), p) for p in Path(save_dir).glob("*.pt") if (m := _RESUME_FILE.match(p.name))]
+    return max(found)[1] if found else None
+
+
+class ResumeCheckpoint:
+    """Save the full training state every epoch into ``save_dir``; with ``resume``, load the latest at start.
+
+    ``save_dict`` names what to save besides the trainer and the RNG state, which are added here: the network,
+    the optimiser, an LR scheduler, and ``CheckpointSaver`` objects whose best-metric record must survive.
+    Attach it last among the trainer's handlers, so that validation (and its best-model save) of an epoch has run
+    before that epoch's state is saved. Without ``resume`` old resume files are removed at start: a fresh run
+    must never later be resumed from an older run's state.
+    """
+
+    def __init__(
+        self,
+        save_dir: str,
+        save_dict: Mapping,
+        resume: bool = True,
+        n_saved: int = 2,
+        map_location=None,
+        network: torch.nn.Module | None = None,
+    ):
+        self.save_dir = save_dir
+        self.resume = resume
+        self.map_location = map_location
+        self.n_saved = n_saved
+        self.objects = {k: KeyMetricTracker(v) if isinstance(v, CheckpointSaver) else v for k, v in save_dict.items()}
+        network = network or next((v for v in save_dict.values() if isinstance(v, torch.nn.Module)), None)
+        if network is not None:
+            self.objects = {"signature": NetworkSignature(network), **self.objects}
+        self.objects["rng"] = RNGState()
+        self.checkpoint: Checkpoint | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.objects["trainer"] = engine
+        self.checkpoint = Checkpoint(
+            self.objects,
+            DiskSaver(self.save_dir, require_empty=False, atomic=True),
+            filename_prefix=RESUME_PREFIX,
+            n_saved=self.n_saved,
+            global_step_transform=lambda e, _: e.state.epoch,
+        )
+        engine.add_event_handler(Events.STARTED, self.started)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+
+    def started(self, engine: Engine) -> None:
+        latest = latest_resume_checkpoint(self.save_dir)
+        if latest is None:
+            return
+        if not self.resume:
+            for path in Path(self.save_dir).glob(f"{RESUME_PREFIX}_checkpoint_*.pt"):
+                path.unlink()
+            logger.info("resume is off: removed the resume checkpoints of an earlier run in %s.", self.save_dir)
+            return
+        checkpoint = load_checkpoint(latest, self.map_location)
+        prior_max_epochs = engine.state.max_epochs
+        _load_objects(self.objects, checkpoint, latest)
+        if engine.state.epoch > prior_max_epochs:
+            raise ValueError(f"{latest} is at epoch {engine.state.epoch}, past max_epochs {prior_max_epochs}.")
+        engine.state.max_epochs = prior_max_epochs
+        saved = sorted(
+            (int(_RESUME_FILE.match(p.name).group(1)), p.name)
+            for p in Path(self.save_dir).glob("*.pt")
+            if _RESUME_FILE.match(p.name)
+        )
+        self.checkpoint.load_state_dict({"_saved": saved})  # older files are rotated out as new ones are written
+        logger.info(
+            "Resumed training from %s (epoch %d, iteration %d).", latest, engine.state.epoch, engine.state.iteration
+        )
+
+    def epoch_completed(self, engine: Engine) -> None:
+        if _save_dict_is_finite({k: v for k, v in self.objects.items() if k != "trainer"}, "resume checkpoint"):
+            self.checkpoint(engine)

@@ -1,0 +1,101 @@
+"""Reproducible and interruptible training: the same seed gives the same metrics, and a run killed with SIGKILL
+mid-epoch, then re-run with the same command, ends exactly where an uninterrupted run ends.
+
+The killed run is a real ``python -m monai.bundle run`` subprocess (two launches in all); the uninterrupted
+reference runs in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES
+from monai.bundle import ConfigWorkflow
+
+EPOCHS = 3
+TIMEOUT_S = 3600  # a subprocess pays for `import monai` and caching; minutes on a loaded two-core machine
+
+
+def _override(bundle_root, dataset, out) -> dict:
+    return {
+        "bundle_root": str(bundle_root),
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": str(out / "eval"),
+        **TINY_OVERRIDES,
+        "epochs": EPOCHS,
+    }
+
+
+def _configs(bundle_root) -> dict:
+    return {
+        "config_file": str(bundle_root / "configs" / "train.json"),
+        "meta_file": str(bundle_root / "configs" / "metadata.json"),
+        "logging_file": str(bundle_root / "configs" / "logging.conf"),
+    }
+
+
+def _results(override) -> tuple[dict, dict]:
+    metrics = json.load(open(f"{override['output_dir']}/val_metrics.json"))
+    return metrics, torch.load(f"{override['ckpt_dir']}/model.pt", weights_only=True)
+
+
+def _train_in_process(bundle_root, override) -> tuple[dict, dict]:
+    workflow = ConfigWorkflow(workflow_type="train", **_configs(bundle_root), **override)
+    workflow.initialize()
+    workflow.run()
+    workflow.finalize()
+    return _results(override)
+
+
+@pytest.fixture(scope="module")
+def reference(bundle_root, tiny_dataset, tmp_path_factory):
+    return _train_in_process(bundle_root, _override(bundle_root, tiny_dataset, tmp_path_factory.mktemp("reference")))
+
+
+def _assert_same_model(state, expected, atol=0.0):
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(state[key], value, atol=atol, rtol=0.0 if atol == 0 else 1e-4, msg=key)
+
+
+def test_same_seed_gives_identical_runs(bundle_root, tiny_dataset, tmp_path, reference):
+    metrics, state = _train_in_process(bundle_root, _override(bundle_root, tiny_dataset, tmp_path))
+    assert metrics == reference[0]
+    _assert_same_model(state, reference[1])
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_result(bundle_root, tiny_dataset, tmp_path, reference):
+    override = _override(bundle_root, tiny_dataset, tmp_path)
+    marker = str(tmp_path / "killed")
+    # the fault: SIGKILL at the first iteration of epoch 2, once (the marker file keeps the re-run alive)
+    kill = (
+        "$@train#trainer.add_event_handler(ignite.engine.Events.ITERATION_COMPLETED, lambda e: e.state.epoch == 2 "
+        f"and not os.path.exists({marker!r}) and (open({marker!r}, 'w').close() or os.kill(os.getpid(), 9)))"
+    )
+    args_file = tmp_path / "args.json"
+    args_file.write_text(json.dumps({**override, "run": ["$import ignite", kill, "$@train#trainer.run()"]}))
+    command = [sys.executable, "-m", "monai.bundle", "run", *(f"--{k}={v}" for k, v in _configs(bundle_root).items())]
+    command.append(f"--args_file={args_file}")
+    env = {**os.environ, "PYTHONPATH": str(bundle_root)}
+
+    killed = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    resume_files = sorted(os.listdir(f"{override['ckpt_dir']}/resume"))
+    assert resume_files == ["resume_checkpoint_1.pt"], resume_files  # complete files only, no temporary left
+
+    resumed = subprocess.run(command, cwd=bundle_root, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resumed training from" in resumed.stdout + resumed.stderr
+    metrics, state = _results(override)
+    expected_metrics, expected_state = reference
+    for key, value in expected_metrics["paper_protocol"].items():
+        assert metrics["paper_protocol"][key] == pytest.approx(value, rel=1e-3, abs=1e-4), key
+    _assert_same_model(state, expected_state, atol=1e-4)
+    final = torch.load(f"{override['ckpt_dir']}/resume/resume_checkpoint_{EPOCHS}.pt", weights_only=True)
+    assert final["trainer"]["iteration"] == EPOCHS * final["trainer"]["epoch_length"]
