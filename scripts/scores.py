@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from monai.metrics.regression import KernelType, compute_ssim_and_cs
 from torch import nn
 
 from .losses import check_weight
@@ -54,21 +53,39 @@ def flow_score_map(z_prime: torch.Tensor, form: str = "nll") -> torch.Tensor:
     return -torch.exp(-nll) if form == "density" else nll
 
 
-def ssim_map(image: torch.Tensor, reconstruction: torch.Tensor, data_range: float = 1.0, window: int = 11):
-    """Per-pixel SSIM (B, 1, H, W), channel-averaged; the valid-convolution border is filled by replication."""
-    ssim_full, _ = compute_ssim_and_cs(
-        y_pred=reconstruction,
-        y=image,
-        spatial_dims=2,
-        kernel_size=[window, window],
-        kernel_sigma=[1.5, 1.5],
-        data_range=data_range,
-        kernel_type=KernelType.GAUSSIAN,
-        k1=0.01,
-        k2=0.03,
-    )
+def gaussian_window(window: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    """(1, 1, window, window) normalised Gaussian: the SSIM window of Wang et al. (2004) and of MONAI."""
+    offsets = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
+    profile = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    profile = profile / profile.sum()
+    return torch.outer(profile, profile)[None, None]
+
+
+def ssim_map(
+    image: torch.Tensor,
+    reconstruction: torch.Tensor,
+    data_range: float = 1.0,
+    window: int = 11,
+    kernel: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-pixel SSIM (B, 1, H, W), channel-averaged; the valid-convolution border is filled by replication.
+
+    MONAI's ``compute_ssim_and_cs`` computes the same map (tests compare them), but it builds its kernel from the
+    input's channel count at run time, which ONNX cannot export. Here every channel is convolved with one
+    fixed-shape kernel (the scorer keeps it as a buffer), so the map traces and exports.
+    """
+    kernel = (gaussian_window(window) if kernel is None else kernel).to(device=image.device, dtype=torch.float32)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    x = reconstruction.float().flatten(0, 1).unsqueeze(1)
+    y = image.float().flatten(0, 1).unsqueeze(1)
+    mu_x, mu_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
+    sigma_x = F.conv2d(x * x, kernel) - mu_x * mu_x
+    sigma_y = F.conv2d(y * y, kernel) - mu_y * mu_y
+    sigma_xy = F.conv2d(x * y, kernel) - mu_x * mu_y
+    ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * sigma_xy + c2) / (sigma_x + sigma_y + c2))
+    ssim = ssim.reshape(image.shape[0], -1, *ssim.shape[-2:]).mean(dim=1, keepdim=True)
     pad = window // 2
-    return F.pad(ssim_full.mean(dim=1, keepdim=True), (pad, pad, pad, pad), mode="replicate")
+    return F.pad(ssim, (pad, pad, pad, pad), mode="replicate")
 
 
 def reduce_map(score_map: torch.Tensor, reduction: str = "mean", topk_fraction: float = 0.05) -> torch.Tensor:
@@ -109,6 +126,7 @@ class AnomalyScorer(nn.Module):
         self.topk_fraction = topk_fraction
         self.data_range = float(data_range)
         self.ssim_window = int(ssim_window)
+        self.register_buffer("ssim_kernel", gaussian_window(self.ssim_window), persistent=False)
         # rows: flow, recon; columns: mean, std.  Identity until calibrated.
         self.register_buffer("term_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         # operating point for deployment: score >= threshold means abnormal; NaN until chosen on validation data
@@ -125,7 +143,7 @@ class AnomalyScorer(nn.Module):
         """Both score terms as image-sized maps, plus the absolute residual used in the figures."""
         flow = flow_score_map(z_prime, self.flow_score)
         flow = F.interpolate(flow, size=image.shape[-2:], mode="bilinear", align_corners=False)
-        recon = -ssim_map(image, reconstruction, self.data_range, self.ssim_window)
+        recon = -ssim_map(image, reconstruction, self.data_range, self.ssim_window, self.ssim_kernel)
         residual = (image - reconstruction).abs().mean(dim=1, keepdim=True)
         return {"flow": flow, "recon": recon, "residual": residual}
 

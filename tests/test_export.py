@@ -3,11 +3,8 @@ config embedded) and ``onnx_export`` give the eager network's anomaly maps, and 
 
 The exported forward returns the anomaly map only; the image score compared is the map's mean, which with the
 default ``score_reduction`` "mean" is exactly ``network.score(image)["score"]`` (checked against eager too).
-Tolerances: TorchScript 1e-5, ONNX Runtime 1e-4 (absolute and relative).
-
-Known failure, kept as a strict xfail so that it flips when fixed: the ONNX export stops at the SSIM term, whose
-Gaussian kernel MONAI's ``compute_ssim_and_cs`` builds at run time ("ONNX export of convolution for kernel of
-unknown shape"); a fixed-window SSIM in ``scripts/scores.py`` would remove it.
+Tolerances: TorchScript 1e-5, ONNX Runtime 1e-4 (absolute and relative). The ONNX export works because the
+SSIM term uses a fixed-shape Gaussian kernel (``scripts.scores.ssim_map``), not one built at run time.
 """
 
 from __future__ import annotations
@@ -19,7 +16,6 @@ import pytest
 import torch
 from monai.bundle import ckpt_export, onnx_export
 from monai.data import load_net_with_metadata
-from torch.onnx.errors import SymbolicValueError
 
 SIZE, BLOCKS = 256, 2
 
@@ -87,7 +83,6 @@ def test_torchscript_matches_the_eager_network(exported):
     _compare(net, traced, 1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=SymbolicValueError, reason="SSIM kernel of unknown shape")
 def test_onnx_matches_the_eager_network(exported):
     import onnxruntime
 

@@ -67,6 +67,22 @@ def test_ssim_map_is_one_for_identical_and_window_is_fixed_range():
     torch.testing.assert_close(alone, in_batch)
 
 
+@pytest.mark.parametrize("channels,data_range", [(1, 1.0), (3, 255.0)])
+def test_ssim_map_equals_monais_ssim(channels, data_range):
+    """The export-friendly SSIM is MONAI's, channel-averaged, inside the valid-convolution area."""
+    from monai.metrics.regression import KernelType, compute_ssim_and_cs
+
+    torch.manual_seed(0)
+    image = torch.rand(2, channels, 40, 40) * data_range
+    recon = (image + torch.randn_like(image) * 0.1 * data_range).clamp(0, data_range)
+    reference, _ = compute_ssim_and_cs(
+        recon, image, 2, [11, 11], [1.5, 1.5], data_range=data_range, kernel_type=KernelType.GAUSSIAN
+    )
+    ours = ssim_map(image, recon, data_range=data_range)
+    torch.testing.assert_close(ours[..., 5:-5, 5:-5], reference.mean(dim=1, keepdim=True), atol=1e-5, rtol=1e-5)
+    assert ours.shape == (2, 1, 40, 40)
+
+
 def test_reductions_by_hand():
     score_map = torch.arange(100.0).view(1, 1, 10, 10)
     assert reduce_map(score_map, "mean").item() == pytest.approx(49.5)
