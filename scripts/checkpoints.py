@@ -51,9 +51,15 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     return checkpoint
 
 
+# Buffers where NaN is a value, "not chosen yet": the scorer's operating threshold before any validation.
+NAN_MEANS_UNSET = ("scorer.threshold",)
+
+
 def nonfinite_entries(state, prefix: str = "") -> list[str]:
     """Names of the floating-point tensors in a (nested) state dict that hold NaN or Inf."""
     if isinstance(state, torch.Tensor):
+        if prefix.endswith(NAN_MEANS_UNSET) and torch.isnan(state).all():
+            return []
         return [prefix or "tensor"] if state.is_floating_point() and not torch.isfinite(state).all() else []
     if isinstance(state, Mapping):
         items = state.items()

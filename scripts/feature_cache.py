@@ -27,6 +27,7 @@ import torch
 from monai.data import CacheDataset, MetaTensor
 from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import convert_to_tensor
+from tqdm import tqdm
 
 from .reports import atomic_path
 
@@ -163,14 +164,19 @@ class FeatureCacheDataset(CacheDataset):
             torch.save(record, tmp)
 
     @torch.no_grad()
-    def _encode(self, items: list[dict]) -> None:
+    def _encode(self, computed: dict[int, dict]) -> None:
+        """Encode in batches; each batch is written to the disk cache at once, so an interrupted run keeps it."""
         self.encoder.to(self.device).eval()
-        for start in range(0, len(items), self.encode_batch_size):
-            chunk = items[start : start + self.encode_batch_size]
-            images = torch.stack([convert_to_tensor(i[self.image_key], track_meta=False) for i in chunk])
+        indices = list(computed)
+        batches = range(0, len(indices), self.encode_batch_size)
+        for start in tqdm(batches, desc="Encoding features", unit="batch", disable=not self.progress):
+            chunk = indices[start : start + self.encode_batch_size]
+            images = torch.stack([convert_to_tensor(computed[i][self.image_key], track_meta=False) for i in chunk])
             features = self.encoder(images.float().to(self.device)).cpu()
-            for item, feature in zip(chunk, features):
-                item[self.features_key] = feature.clone()
+            for idx, feature in zip(chunk, features):
+                computed[idx][self.features_key] = feature.clone()
+                if self.cache_dir is not None:
+                    self._write(idx, computed[idx])
 
     def _fill_cache(self, indices=None) -> list:
         indices = list(range(self.cache_num)) if indices is None else list(indices)
@@ -183,9 +189,10 @@ class FeatureCacheDataset(CacheDataset):
             logger.info(
                 "Encoding %d image(s) with the frozen encoder, %d per batch.", len(computed), self.encode_batch_size
             )
-            self._encode(list(computed.values()))
-        if self.cache_dir is not None:
+            self._encode(computed)
+        elif self.cache_dir is not None:
             for idx, item in computed.items():
                 self._write(idx, item)
+        if self.cache_dir is not None:
             logger.info("Feature cache %s: %d item(s) reused, %d computed.", self.cache_dir, len(found), len(computed))
         return [found[idx] if idx in found else computed[idx] for idx in indices]
