@@ -152,14 +152,20 @@ def main(argv: list[str] | None = None) -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(json.dumps(results[-1], indent=1), file=sys.stderr)
     report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "device": args.device, "results": results}
+    write_report(report, Path(args.output), args.machine_name)
+    print(_table(report))
+
+
+def write_report(report: dict, output: Path, machine_name: str) -> None:
+    """``<output>/<machine_name>.json``, and this machine's section of the table in ``<output>.md``."""
     from .reports import write_json
 
-    write_json(Path(args.output) / f"{args.machine_name}.json", report)
-    table = Path(f"{args.output}.md")
+    write_json(output / f"{machine_name}.json", report)
+    table = Path(f"{output}.md")
     header = "# Benchmarks\n\nWritten by `python -m scripts.benchmark`; one section per machine.\n\n"
     previous = table.read_text() if table.exists() else header
-    section = f"## {args.machine_name} ({args.device})\n\n{_table(report)}"
-    marker = f"## {args.machine_name} ({args.device})\n"
+    marker = f"## {machine_name} ({report['device']})\n"
+    section = f"{marker}\n{_table(report)}"
     if marker in previous:
         start = previous.index(marker)
         end = previous.find("\n## ", start + 1)
@@ -167,7 +173,6 @@ def main(argv: list[str] | None = None) -> None:
     else:
         previous = previous.rstrip("\n") + "\n\n" + section
     table.write_text(previous)
-    print(_table(report))
 
 
 if __name__ == "__main__":
