@@ -32,6 +32,7 @@ from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform
 
+from .inputs import check_array
 from .scores import REDUCTIONS, reduce_map
 from .transforms import StrictLoadImaged
 
@@ -56,7 +57,8 @@ def existing_file(path: str, what: str = "file") -> str:
 
 class CheckInputd(MapTransform):
     """Refuse what the network cannot score, naming the file: wrong dimensionality, channel counts that are
-    neither the metadata's nor a colour image, non-finite voxels, and constant images (nothing to normalise).
+    neither the metadata's nor a colour image, and the voxels ``inputs.check_array`` refuses (non-finite,
+    constant, beyond float32), which in-memory input from MONAI Deploy has not met in a loader.
 
     Place it after ``EnsureChannelFirstd`` and before intensity scaling, which would hide NaNs and blank images.
     """
@@ -88,15 +90,7 @@ class CheckInputd(MapTransform):
                     f"Input {name} has {shape[0]} channels (channel-first shape {shape}); expected {self._expected()}, "
                     "as configs/metadata.json network_data_format.inputs.image.num_channels says."
                 )
-            values = torch.as_tensor(image)
-            if not torch.isfinite(values).all():
-                bad = int((~torch.isfinite(values)).sum())
-                raise ValueError(f"Input {name} has {bad} NaN or infinite voxel(s); expected finite intensities.")
-            if values.numel() == 0 or values.amin() == values.amax():
-                raise ValueError(
-                    f"Input {name} is constant ({float(values.flatten()[0]) if values.numel() else 'empty'} "
-                    "everywhere, e.g. an all-zero volume); expected an image with intensity variation."
-                )
+            check_array(image, name)  # the loader's voxel checks, for in-memory input (MONAI Deploy)
         return d
 
 

@@ -69,17 +69,21 @@ def bundle_workflow(root: Path, configs: list[str], workflow_type: str, **overri
     return workflow
 
 
+def tiny_run_override(root: Path, dataset: Path, out: Path, output_dir: str | None = None) -> dict:
+    """Overrides for a tiny run of the bundle on ``dataset`` with its models and outputs under ``out``."""
+    return {
+        "bundle_root": str(root),
+        "dataset_dir": str(dataset),
+        "ckpt_dir": str(out / "models"),
+        "output_dir": output_dir or str(out / "eval"),
+        **TINY_OVERRIDES,
+    }
+
+
 @pytest.fixture(scope="session")
 def trained(bundle_root, tiny_dataset, tmp_path_factory):
     """One epoch of single-process training on the tiny data set; returns the overrides that locate its outputs."""
-    out = tmp_path_factory.mktemp("bundle_run")
-    override = {
-        "bundle_root": str(bundle_root),
-        "dataset_dir": str(tiny_dataset),
-        "ckpt_dir": str(out / "models"),
-        "output_dir": str(out / "eval"),
-        **TINY_OVERRIDES,
-    }
+    override = tiny_run_override(bundle_root, tiny_dataset, tmp_path_factory.mktemp("bundle_run"))
     workflow = bundle_workflow(bundle_root, ["train.json"], "train", **override)
     workflow.run()
     workflow.finalize()

@@ -13,7 +13,7 @@ import socket
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, bundle_workflow
+from conftest import bundle_workflow, tiny_run_override
 from mlflow.tracking import MlflowClient
 
 
@@ -55,13 +55,8 @@ def _launch(root, configs, override, world=2, tracking=False) -> None:
 @pytest.fixture(scope="module")
 def distributed_run(bundle_root, tiny_dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    override = {
-        "bundle_root": str(bundle_root),
-        "dataset_dir": str(tiny_dataset),
-        "ckpt_dir": str(out / "models"),
-        "output_dir": f"$'{out / 'eval'}'",
-        **TINY_OVERRIDES,
-    }
+    # output_dir as an expression: MONAI appends to its raw value when it logs the config to MLflow
+    override = tiny_run_override(bundle_root, tiny_dataset, out, output_dir=f"$'{out / 'eval'}'")
     _launch(bundle_root, ["train.json", "multi_gpu_train.json"], override, tracking=True)
     return out, override
 
