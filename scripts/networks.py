@@ -54,6 +54,7 @@ class AEFlow(nn.Module):
         flow_blocks: int = 8,
         flow_clamp: float = 2.0,
         subnet_hidden_ratio: float = 1.0,
+        flow_init: str = "identity",
         output_activation: str = "sigmoid",
         beta: float = 0.9,
         flow_score: str = "nll",
@@ -79,6 +80,7 @@ class AEFlow(nn.Module):
                 n_blocks=flow_blocks,
                 clamp=flow_clamp,
                 hidden_ratio=subnet_hidden_ratio,
+                init=flow_init,
             )
             if flow_blocks > 0
             else None
