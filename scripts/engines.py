@@ -8,7 +8,9 @@ case the frozen encoder is skipped.
 
 from __future__ import annotations
 
+import gc
 import logging
+import sys
 
 import torch
 from monai.data import MetaTensor
@@ -18,6 +20,19 @@ from monai.utils import convert_to_tensor
 
 logger = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("raise", "skip")
+
+
+def freeze_heap_before_exit() -> None:
+    """Spare the bundle CLI Python's final garbage collection, which walks every object that torch, MONAI, MLflow
+    and ITK created: measured at 1.5 minutes of the 10-minute demo on two CPU cores, after the work was done.
+
+    ``gc.freeze`` moves them out of the collector's reach, so the process ends within seconds. Only the
+    ``python -m monai.bundle`` process, which exits right after ``finalize``, freezes; in-process callers (tests,
+    MONAI Label) keep collecting as usual.
+    """
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(main_spec, "name", None) == "monai.bundle.__main__":
+        gc.freeze()
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:

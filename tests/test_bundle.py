@@ -4,7 +4,11 @@ volumes. The metadata, network shape and export checks are in test_zoo_checks.py
 from __future__ import annotations
 
 import csv
+import gc
+import importlib.machinery
 import json
+import sys
+import types
 
 import nibabel as nib
 import torch
@@ -57,3 +61,18 @@ def test_inference_scores_volumes_slice_by_slice_and_saves_maps(bundle_root, tin
         assert abs(saved.affine - original.affine).max() < 1e-4
         assert (tmp_path / volume.name.replace(".nii.gz", "_anomaly_mask.nii.gz")).is_file()
     assert not (tmp_path / ".partial").exists()
+
+
+def test_only_the_bundle_cli_freezes_the_heap_before_exit(monkeypatch):
+    from scripts.engines import freeze_heap_before_exit
+
+    freeze_heap_before_exit()
+    assert gc.get_freeze_count() == 0  # pytest is an in-process caller: it keeps collecting
+    cli = types.ModuleType("__main__")
+    cli.__spec__ = importlib.machinery.ModuleSpec("monai.bundle.__main__", None)
+    monkeypatch.setitem(sys.modules, "__main__", cli)
+    try:
+        freeze_heap_before_exit()
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
