@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -30,6 +31,30 @@ def pytest_unconfigure(config):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(status)
+
+
+def run_forked(target, *args, timeout: float = 1800, **kwargs) -> int:
+    """Run ``target(*args, **kwargs)`` in a forked child; its exit code (negative: killed by that signal).
+
+    A fork inherits the imported torch and MONAI, which a fresh ``python -m monai.bundle`` imports again (minutes
+    on a two-core CPU), and it ends with ``os._exit``, skipping the slow interpreter teardown of ITK. The child
+    keeps to one thread, as DataLoader workers do after a fork: OpenMP pools are not fork-safe.
+    """
+
+    def child() -> None:
+        import torch
+
+        torch.set_num_threads(1)
+        target(*args, **kwargs)
+
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(timeout)
+    if process.is_alive():
+        process.kill()
+        process.join()
+        pytest.fail(f"{getattr(target, '__name__', target)} did not finish in {timeout} s")
+    return process.exitcode
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,12 @@ import csv
 import json
 import re
 import shutil
-import subprocess
-import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, run_forked
 from monai.bundle import ConfigParser, ConfigWorkflow, ckpt_export
 from monai.data import MetaTensor
 from monai.transforms import Compose, LoadImaged, SaveImaged
@@ -120,34 +118,11 @@ def test_volume_inference_writes_slice_and_volume_scores_and_maps_on_the_input_g
     assert not (nibabel_run / ".partial").exists()
 
 
-# ITK's teardown at interpreter exit takes minutes on a loaded machine (measured: over 4 minutes after a plain
-# `itk.imread`), so the ITK run happens in a child process that skips it; the pytest process never loads ITK.
-ITK_RUN = """
-import os, sys, traceback
-from monai.bundle import ConfigWorkflow
-bundle, inputs, out = sys.argv[1:4]
-code = 0
-try:
-    workflow = ConfigWorkflow(
-        config_file=bundle + "/configs/inference.json", meta_file=bundle + "/configs/metadata.json",
-        logging_file=bundle + "/configs/logging.conf", workflow_type="infer", bundle_root=bundle,
-        dataset_dir=inputs, input_glob="*.nii.gz", output_dir=out, image_reader="ITKReader")
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
-except BaseException:
-    traceback.print_exc()
-    code = 1
-sys.stdout.flush()
-sys.stderr.flush()
-os._exit(code)
-"""
-
-
 def test_itk_reader_gives_the_same_scores_and_grid(small_bundle, volume, nibabel_run, tmp_path):
-    args = [sys.executable, "-c", ITK_RUN, str(small_bundle), str(volume.parent), str(tmp_path)]
-    result = subprocess.run(args, cwd=small_bundle, capture_output=True, text=True, timeout=1800)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # in a forked child: ITK's teardown at interpreter exit takes minutes on a small CPU (over 4 minutes measured
+    # after a plain `itk.imread`), and the pytest process never loads ITK
+    exit_code = run_forked(_infer, small_bundle, volume.parent, tmp_path, image_reader="ITKReader")
+    assert exit_code == 0
     itk_scores = [float(r["score"]) for r in _csv(tmp_path / "scores.csv")]
     nib_scores = [float(r["score"]) for r in _csv(nibabel_run / "scores.csv")]
     np.testing.assert_allclose(itk_scores, nib_scores, atol=1e-4, rtol=1e-5)
