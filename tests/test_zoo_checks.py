@@ -1,4 +1,5 @@
-"""The model-zoo's premerge checks (scripts/zoo_checks.py, also run by .ci/run) on this bundle."""
+"""The model-zoo's premerge checks (scripts/zoo_checks.py, also run by .ci/run) on this bundle, and the shipped
+``models/model.pt`` against the ``eval_metrics`` its metadata claims."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import json
 import shutil
 
 import pytest
-from conftest import SHARED, TINY_OVERRIDES
+from conftest import SHARED, bundle_workflow
 
 from scripts import zoo_checks
 
@@ -15,9 +16,7 @@ SCHEMA = SHARED / "schemas" / "meta_schema_20240725.json"
 
 def test_required_files_are_present(bundle_root):
     assert zoo_checks.missing_files(bundle_root, zoo_checks.REQUIRED_FILES) == []
-    assert (bundle_root / "configs" / "inference.json").is_file()
-    if zoo_checks.missing_files(bundle_root, ("models/model.pt",)):
-        pytest.skip("models/model.pt is missing: the trained weights are not committed yet (preferred file)")
+    assert zoo_checks.missing_files(bundle_root, zoo_checks.PREFERRED_FILES) == []
 
 
 def test_version_must_have_a_changelog_entry(bundle_root, tmp_path):
@@ -32,12 +31,12 @@ def test_version_must_have_a_changelog_entry(bundle_root, tmp_path):
 
 
 def test_metadata_schema_net_in_out_and_export_reload(bundle_root, tmp_path):
-    """All checks in order; without models/model.pt the export uses a random checkpoint and reports it."""
+    """All checks in order, the export and reload on the shipped models/model.pt."""
     if not SCHEMA.is_file():
         pytest.skip(f"shared schema not present at {SCHEMA}")
-    report = zoo_checks.run_all(bundle_root, SCHEMA, flow_blocks=TINY_OVERRIDES["flow_blocks"])
-    assert report["missing_required"] == [] and "inference.json" in report["exported_files"]
-    assert ("models/model.pt" in report["missing_preferred"]) == (not (bundle_root / "models" / "model.pt").is_file())
+    report = zoo_checks.run_all(bundle_root, SCHEMA)
+    assert report["missing_required"] == report["missing_preferred"] == report["skipped"] == []
+    assert "inference.json" in report["exported_files"]
     broken = tmp_path / "bundle"
     shutil.copytree(bundle_root / "configs", broken / "configs")
     metadata = json.loads((broken / "configs" / "metadata.json").read_text())
@@ -45,3 +44,22 @@ def test_metadata_schema_net_in_out_and_export_reload(bundle_root, tmp_path):
     (broken / "configs" / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(Exception):
         zoo_checks.check_metadata(broken, SCHEMA)
+
+
+def test_shipped_model_reproduces_its_eval_metrics(bundle_root, tmp_path):
+    """The model-zoo asks that ``eval_metrics`` stay consistent with the weights: regenerate the embedded test
+    split (deterministic) and evaluate the shipped checkpoint on it, as ``evaluate.json`` does."""
+    claimed = json.loads((bundle_root / "configs" / "metadata.json").read_text())["eval_metrics"]
+    workflow = bundle_workflow(
+        bundle_root,
+        ["train.json", "evaluate.json"],
+        "train",
+        bundle_root=str(bundle_root),
+        default_dataset_dir=str(tmp_path / "synthetic_brain"),
+        output_dir=str(tmp_path / "eval"),
+        **{"validate#handlers#1#plots": False},
+    )
+    workflow.run()
+    measured = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["paper_protocol"]
+    for name in ("auc", "f1", "acc", "sen", "spe"):
+        assert measured[name] == pytest.approx(claimed[f"synthetic_brain_test_{name}"], abs=5e-3), name
