@@ -1,10 +1,10 @@
 """Reproducible and interruptible training: the same seed gives the same metrics, and a run killed with SIGKILL
 mid-epoch, then re-run with the same command, ends exactly where an uninterrupted run ends.
 
-The killed run is a separate process that runs what ``python -m monai.bundle run`` runs (MONAI's bundle ``run``
-with a config, meta file, logging file and args file), killed with SIGKILL and then launched again with the same
-arguments; it is forked rather than started afresh only to skip re-importing MONAI. The uninterrupted reference
-runs in-process.
+Every run is a separate process that runs what ``python -m monai.bundle run`` runs (MONAI's bundle ``run`` with a
+config, meta file, logging file and overrides); the killed one gets SIGKILL and is then launched again with the same
+arguments. The processes are forked rather than started afresh only to skip re-importing MONAI, and all of them use
+one thread, so that the runs compared do the same arithmetic.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import os
 import pytest
 import torch
 from conftest import TINY_OVERRIDES, run_forked
-from monai.bundle import ConfigWorkflow
 from monai.bundle.scripts import run as bundle_run
 
 EPOCHS = 3
@@ -45,17 +44,14 @@ def _results(override) -> tuple[dict, dict]:
     return metrics, torch.load(f"{override['ckpt_dir']}/model.pt", weights_only=True)
 
 
-def _train_in_process(bundle_root, override) -> tuple[dict, dict]:
-    workflow = ConfigWorkflow(workflow_type="train", **_configs(bundle_root), **override)
-    workflow.initialize()
-    workflow.run()
-    workflow.finalize()
+def _train(bundle_root, override) -> tuple[dict, dict]:
+    assert run_forked(bundle_run, **_configs(bundle_root), **override) == 0
     return _results(override)
 
 
 @pytest.fixture(scope="module")
 def reference(bundle_root, tiny_dataset, tmp_path_factory):
-    return _train_in_process(bundle_root, _override(bundle_root, tiny_dataset, tmp_path_factory.mktemp("reference")))
+    return _train(bundle_root, _override(bundle_root, tiny_dataset, tmp_path_factory.mktemp("reference")))
 
 
 def _assert_same_model(state, expected, atol=0.0):
@@ -65,7 +61,7 @@ def _assert_same_model(state, expected, atol=0.0):
 
 
 def test_same_seed_gives_identical_runs(bundle_root, tiny_dataset, tmp_path, reference):
-    metrics, state = _train_in_process(bundle_root, _override(bundle_root, tiny_dataset, tmp_path))
+    metrics, state = _train(bundle_root, _override(bundle_root, tiny_dataset, tmp_path))
     assert metrics == reference[0]
     _assert_same_model(state, reference[1])
 
