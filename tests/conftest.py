@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 import sys
@@ -33,28 +34,38 @@ def pytest_unconfigure(config):
         os._exit(status)
 
 
-def run_forked(target, *args, timeout: float = 1800, **kwargs) -> int:
-    """Run ``target(*args, **kwargs)`` in a forked child; its exit code (negative: killed by that signal).
+def run_forked_together(calls: list, timeout: float = 1800) -> list[int]:
+    """Run each ``call()`` in its own forked child, all at once; their exit codes (negative: killed by that signal).
 
     A fork inherits the imported torch and MONAI, which a fresh ``python -m monai.bundle`` imports again (minutes
-    on a two-core CPU), and it ends with ``os._exit``, skipping the slow interpreter teardown of ITK. The child
+    on a two-core CPU), and it ends with ``os._exit``, skipping the slow interpreter teardown of ITK. Each child
     keeps to one thread, as DataLoader workers do after a fork: OpenMP pools are not fork-safe.
     """
 
-    def child() -> None:
+    def child(call) -> None:
         import torch
 
         torch.set_num_threads(1)
-        target(*args, **kwargs)
+        call()
 
-    process = multiprocessing.get_context("fork").Process(target=child)
-    process.start()
-    process.join(timeout)
-    if process.is_alive():
+    context = multiprocessing.get_context("fork")
+    processes = [context.Process(target=child, args=(call,)) for call in calls]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout)
+    stuck = [process for process in processes if process.is_alive()]
+    for process in stuck:
         process.kill()
         process.join()
-        pytest.fail(f"{getattr(target, '__name__', target)} did not finish in {timeout} s")
-    return process.exitcode
+    if stuck:
+        pytest.fail(f"{len(stuck)} of {len(processes)} forked process(es) did not finish in {timeout} s")
+    return [process.exitcode for process in processes]
+
+
+def run_forked(target, *args, timeout: float = 1800, **kwargs) -> int:
+    """Run ``target(*args, **kwargs)`` in a forked child (see ``run_forked_together``); its exit code."""
+    return run_forked_together([functools.partial(target, *args, **kwargs)], timeout)[0]
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,14 @@ minutes on a small CPU), each with the environment torchrun sets.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
 
 import pytest
 import torch
-from conftest import bundle_workflow, tiny_run_override
+from conftest import bundle_workflow, run_forked_together, tiny_run_override
 from mlflow.tracking import MlflowClient
 
 
@@ -27,7 +28,6 @@ def _rank(rank: int, world: int, port: int, root, configs: list[str], override: 
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    torch.set_num_threads(1)  # as DataLoader workers do after a fork
     extra = {"tracking": "mlflow"} if tracking else {}
     workflow = bundle_workflow(root, configs, "train", **override, **extra)
     workflow.run()
@@ -35,20 +35,9 @@ def _rank(rank: int, world: int, port: int, root, configs: list[str], override: 
 
 
 def _launch(root, configs, override, world=2, tracking=False) -> None:
-    context = torch.multiprocessing.get_context("fork")
     port = _free_port()
-    ranks = [
-        context.Process(target=_rank, args=(rank, world, port, root, configs, override, tracking))
-        for rank in range(world)
-    ]
-    for process in ranks:
-        process.start()
-    for process in ranks:
-        process.join(timeout=900)
-    codes = [process.exitcode for process in ranks]
-    for process in ranks:
-        if process.is_alive():
-            process.kill()
+    ranks = [functools.partial(_rank, rank, world, port, root, configs, override, tracking) for rank in range(world)]
+    codes = run_forked_together(ranks, timeout=900)
     assert codes == [0] * world, f"rank exit codes {codes}"
 
 
