@@ -7,6 +7,13 @@ so that the frozen encoder's features are computed once and shared by every sett
 not a training one: each trained alpha is re-scored at every beta from its test score terms, so the grid costs
 one training per alpha.
 
+``scoring`` re-scores one trained model with every S_flow form x map reduction (the open points of equation (2)),
+each calibrated on the validation split, so that the scoring design is chosen on validation data, not on test.
+
+Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
+overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
+file committed under ``docs/results/``.
+
     python -m scripts.ablations alpha-beta --configs configs/train.json configs/images_2d.json \
         configs/chest_xray.json --output docs/results/ablations/chest_xray --set epochs=20 \
         --set "feature_cache_dir=\\$'data/cache/chest_xray'"
@@ -22,20 +29,58 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from monai.utils import convert_to_tensor
 from sklearn.metrics import roc_auc_score
 
 from . import reports
+from .checkpoints import load_network
+from .metrics import anomaly_metrics, best_f1_threshold, choose_beta
+from .scores import BETA_GRID, FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
 
 logger = logging.getLogger(__name__)
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BETAS = tuple(round(0.1 * k, 1) for k in range(11))
 SUBNETS = ("cnn2", "resnet")
 RECON_LOSSES = ("mse", "ssim")
+PROTOCOLS = ("paper_protocol", "deployment_protocol", "validation_protocol")
+RECORDED_KEYS = (
+    "encoder",
+    "encoder_weights",
+    "image_size",
+    "in_channels",
+    "subnet",
+    "flow_blocks",
+    "flow_init",
+    "alpha",
+    "beta",
+    "beta_selection",
+    "recon_loss",
+    "flow_normalization",
+    "flow_score",
+    "score_reduction",
+    "score_normalization",
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "seed",
+)
 
 
 def _expression(path: Path) -> str:
     """A path as a config expression: MONAI appends to output_dir's raw value when it saves the run's config."""
     return f"$'{path}'"
+
+
+def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -> dict:
+    """The values a run used, resolved by MONAI's parser from the same config files and overrides."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(overrides)
+    return {key: parser.get_parsed_content(key) for key in keys if key in parser}
 
 
 def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
@@ -44,6 +89,7 @@ def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
 
     root = Path(configs[0]).resolve().parents[1]
     paths = {"ckpt_dir": _expression(workdir / "models"), "output_dir": _expression(workdir / "eval")}
+    settings = {"configs": list(configs), "overrides": overrides, **resolved_settings(configs, overrides)}
     started = time.time()
     for extra, kind in (([], "train"), (["configs/evaluate.json"], "train")):
         workflow = ConfigWorkflow(
@@ -59,7 +105,28 @@ def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
     metrics = json.loads((workdir / "eval" / "test_metrics.json").read_text())
     metrics["wall_time_s"] = round(time.time() - started, 1)
     metrics["overrides"] = overrides
+    reports.write_json(workdir / "settings.json", {**settings, "wall_time_s": metrics["wall_time_s"]})
     return metrics
+
+
+def record(workdir: Path, output: Path, data: str, command: str, purpose: str = "") -> dict:
+    """One committed result file from a setting's folder: what ran, on what, and both protocols' metrics."""
+    workdir = Path(workdir)
+    settings = json.loads((workdir / "settings.json").read_text())
+    test = json.loads((workdir / "eval" / "test_metrics.json").read_text())
+    validation = json.loads((workdir / "eval" / "val_metrics.json").read_text())
+    result = {
+        "data": data,
+        "command": command,
+        "purpose": purpose,
+        "wall_time_s": settings.pop("wall_time_s"),
+        "settings": settings,
+        "validation": validation["paper_protocol"],
+        "scorer": test["scorer"],
+        "test": {key: test[key] for key in PROTOCOLS if key in test},
+    }
+    reports.write_json(output, result)
+    return result
 
 
 def _term_arrays(eval_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -115,6 +182,89 @@ def compare(configs, overrides, output: Path, variants: dict[str, list[str]]) ->
     return table
 
 
+def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict]:
+    """One pass over a split: its labels and, for every (S_flow form, reduction) design, both image-level terms."""
+    parser["validate#data#split"] = split
+    loader = parser.get_parsed_content("validate#dataloader")
+    base = network.scorer
+    scorers = {
+        form: AnomalyScorer(flow_score=form, data_range=base.data_range, ssim_window=base.ssim_window)
+        for form in dict.fromkeys(form for form, _ in designs)
+    }
+    labels, terms = [], {design: {"flow": [], "recon": []} for design in designs}
+    with torch.no_grad():
+        for batch in loader:
+            images = convert_to_tensor(batch["image"], track_meta=False).float()
+            features = convert_to_tensor(batch["features"], track_meta=False) if "features" in batch else None
+            out = network.flow_decode(network.encode(images) if features is None else features)
+            maps = {form: scorer.term_maps(out.z_prime, images, out.reconstruction) for form, scorer in scorers.items()}
+            labels += torch.as_tensor(batch["label"]).view(-1).tolist()
+            for form, reduction in designs:
+                for name in ("flow", "recon"):
+                    value = reduce_map(maps[form][name], reduction, base.topk_fraction)
+                    terms[form, reduction][name].append(value)
+    return np.asarray(labels), {d: {n: torch.cat(v) for n, v in t.items()} for d, t in terms.items()}
+
+
+def _design_metrics(form: str, val_labels, val_terms, test_labels, test_terms, preferred_beta: float) -> dict:
+    """Calibrate on the validation split's normal images, choose beta and the threshold there, apply to test."""
+    scorer = AnomalyScorer(flow_score=form)
+    normal = torch.as_tensor(val_labels == 0)
+    scorer.calibrate(val_terms["flow"][normal], val_terms["recon"][normal])
+    val = {name: scorer.standardize(name, value).numpy() for name, value in val_terms.items()}
+    test = {name: scorer.standardize(name, value).numpy() for name, value in test_terms.items()}
+    beta, val_aucs = choose_beta(val_labels, val["flow"], val["recon"], BETA_GRID, preferred_beta)
+    val_scores = beta * val["flow"] + (1 - beta) * val["recon"]
+    test_scores = beta * test["flow"] + (1 - beta) * test["recon"]
+    return {
+        "beta": beta,
+        "validation_auc": val_aucs[beta],
+        "validation_auc_by_beta": val_aucs,
+        "test_auc_flow_term": float(roc_auc_score(test_labels, test["flow"])),
+        "test_auc_recon_term": float(roc_auc_score(test_labels, test["recon"])),
+        "test_paper_protocol": anomaly_metrics(test_labels, test_scores),
+        "test_deployment_protocol": anomaly_metrics(
+            test_labels, test_scores, best_f1_threshold(val_labels, val_scores)
+        ),
+    }
+
+
+def scoring_designs(configs, overrides, workdir: Path, output: Path) -> dict:
+    """Equation (2)'s open choices re-scored from one trained model: every S_flow form x map reduction, each with
+    its own normalisation, beta and threshold chosen on the validation split, then measured on the test split.
+    The design with the best validation AUC is marked; the test numbers never take part in the choice."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update({**overrides, "output_dir": _expression(output)})
+    network = load_network(parser.get_parsed_content("network"), Path(workdir) / "models" / "model.pt").eval()
+    designs = [(form, reduction) for form in FLOW_SCORES for reduction in REDUCTIONS]
+    val_labels, val_terms = _split_terms(parser, network, "validation", designs)
+    test_labels, test_terms = _split_terms(parser, network, "test", designs)
+    rows = {
+        f"{form}/{reduction}": _design_metrics(
+            form, val_labels, val_terms[form, reduction], test_labels, test_terms[form, reduction], network.scorer.beta
+        )
+        for form, reduction in designs
+    }
+    chosen = max(rows, key=lambda name: rows[name]["validation_auc"])
+    table = {"run": str(workdir), "chosen_on_validation": chosen, "designs": rows}
+    reports.write_json(output / "scoring_designs.json", table)
+    for name, row in rows.items():
+        logger.info(
+            "%-13s beta %.1f  validation AUC %.4f  test AUC %.4f (flow term %.4f, recon term %.4f)%s",
+            name,
+            row["beta"],
+            row["validation_auc"],
+            row["test_paper_protocol"]["auc"],
+            row["test_auc_flow_term"],
+            row["test_auc_recon_term"],
+            "  <- chosen on validation" if name == chosen else "",
+        )
+    return table
+
+
 def _overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
@@ -128,17 +278,27 @@ def _overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.ablations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("alpha-beta", "subnet-loss", "compare"))
+    parser.add_argument("kind", choices=("alpha-beta", "subnet-loss", "compare", "scoring", "record"))
     parser.add_argument("--configs", nargs="+", default=["configs/train.json"], help="bundle config files, in order")
-    parser.add_argument("--output", required=True, help="folder for runs, tables and figures")
+    parser.add_argument("--output", required=True, help="folder for runs, tables and figures; record: the JSON file")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (JSON value)")
     parser.add_argument("--alphas", type=float, nargs="+", default=list(ALPHAS))
     parser.add_argument(
         "--variant", action="append", metavar="NAME=CONFIG[,CONFIG]", help="compare: a named variant's extra configs"
     )
+    parser.add_argument("--run", help="scoring, record: a trained setting's folder (models/, eval/, settings.json)")
+    parser.add_argument("--data", default="", help="record: what the data set and its splits are")
+    parser.add_argument("--command", dest="command_line", default="", help="record: the command that made the run")
+    parser.add_argument("--purpose", default="", help="record: why the run was made, and what it is not")
     args = parser.parse_args(argv)
     output, overrides = Path(args.output), _overrides(args.set)
-    if args.kind == "alpha-beta":
+    if args.kind in ("scoring", "record") and not args.run:
+        parser.error(f"{args.kind} needs --run")
+    if args.kind == "record":
+        record(Path(args.run), output, args.data, args.command_line, args.purpose)
+    elif args.kind == "scoring":
+        scoring_designs(args.configs, overrides, Path(args.run), output)
+    elif args.kind == "alpha-beta":
         alpha_beta(args.configs, overrides, output, tuple(args.alphas))
     elif args.kind == "subnet-loss":
         subnet_loss(args.configs, overrides, output)

@@ -194,6 +194,12 @@ def _load_objects(load_dict: Mapping, checkpoint: Mapping, path, strict: bool = 
         raise CheckpointError(f"Checkpoint {path} cannot be loaded into this run: {error}") from error
 
 
+def load_network(network: torch.nn.Module, path: str | os.PathLike, map_location=None) -> torch.nn.Module:
+    """Outside an engine (studies, exports): the same checks and refusals as ``VerifiedCheckpointLoader``."""
+    _load_objects({"model": network}, load_checkpoint(path, map_location), path)
+    return network
+
+
 class VerifiedCheckpointLoader(CheckpointLoader):
     """MONAI's ``CheckpointLoader`` (``weights_only`` loading, trainer resume) with checks and plain refusals."""
 

@@ -123,10 +123,14 @@ class FeatureCacheDataset(CacheDataset):
             ) from error
 
     def _item_key(self, item: dict) -> str:
+        """Keyed by the image's real path, so ``./data/x/../a.png`` and ``/abs/a.png`` share one entry."""
         source = str(item.get(self.image_key, ""))
         stat = os.stat(source) if os.path.isfile(source) else None
+        fields = {k: str(v) for k, v in sorted(item.items())}
+        if stat:
+            fields[self.image_key] = os.path.realpath(source)
         described = {
-            "item": {k: str(v) for k, v in sorted(item.items())},
+            "item": fields,
             "file": [stat.st_size, stat.st_mtime_ns] if stat else None,
             "fingerprint": self.fingerprint,
         }

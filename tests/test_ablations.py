@@ -1,23 +1,25 @@
-"""The ablation commands on the tiny synthetic set: the alpha x beta grid writes its table and heat map, and its
-re-scoring of beta from the saved score terms reproduces the evaluator's own AUC at the trained beta."""
+"""The ablation commands on the tiny synthetic set: the alpha x beta grid writes its table and heat map, its
+re-scoring of beta from the saved score terms reproduces the evaluator's own AUC at the trained beta, the
+scoring-design study reproduces the evaluator's score terms and chooses on validation only, and ``record`` turns
+the setting's folder into a result file with the settings the run really used."""
 
 from __future__ import annotations
 
+import csv
 import json
 
+import pytest
 from conftest import TINY_OVERRIDES
+from sklearn.metrics import roc_auc_score
 
 from scripts import ablations
 
 
-def test_alpha_beta_grid_rescoring_matches_the_evaluator(bundle_root, tiny_dataset, tmp_path):
+def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp_path):
     sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
     sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
-    ablations.main(
-        ["alpha-beta", "--configs", str(bundle_root / "configs" / "train.json"), "--output", str(tmp_path)]
-        + [arg for pair in sets for arg in ("--set", pair)]
-        + ["--alphas", "0.5"]
-    )
+    common = ["--configs", str(bundle_root / "configs" / "train.json")] + [a for p in sets for a in ("--set", p)]
+    ablations.main(["alpha-beta", "--output", str(tmp_path), "--alphas", "0.5", *common])
     table = json.loads((tmp_path / "alpha_beta.json").read_text())
     assert table["alphas"] == [0.5] and len(table["test_auc"]) == 1 and len(table["test_auc"][0]) == 11
     assert (tmp_path / "alpha_beta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -25,3 +27,29 @@ def test_alpha_beta_grid_rescoring_matches_the_evaluator(bundle_root, tiny_datas
     assert run["scorer"]["beta"] == 0.9  # beta_selection is forced to fixed: every beta is scored afterwards
     at_trained_beta = table["test_auc"][0][table["betas"].index(0.9)]
     assert abs(at_trained_beta - 100 * run["paper_protocol"]["auc"]) < 1e-6
+
+    result_file = tmp_path / "result.json"
+    ablations.main(
+        ["record", "--run", str(tmp_path / "alpha_0.5"), "--output", str(result_file), "--data", "tiny synthetic"]
+    )
+    result = json.loads(result_file.read_text())
+    assert result["data"] == "tiny synthetic" and result["wall_time_s"] > 0
+    assert result["settings"]["alpha"] == 0.5 and result["settings"]["beta_selection"] == "fixed"
+    assert result["settings"]["epochs"] == TINY_OVERRIDES["epochs"]
+    assert result["test"]["paper_protocol"] == run["paper_protocol"]
+    assert set(result["validation"]) >= {"auc", "f1", "acc", "sen", "spe"}
+
+    study_dir = tmp_path / "scoring"
+    ablations.main(["scoring", "--run", str(tmp_path / "alpha_0.5"), "--output", str(study_dir), *common])
+    study = json.loads((study_dir / "scoring_designs.json").read_text())
+    assert sorted(study["designs"]) == sorted(f"{f}/{r}" for f in ("nll", "density") for r in ("mean", "max", "topk"))
+    rows = study["designs"]
+    assert study["chosen_on_validation"] == max(rows, key=lambda name: rows[name]["validation_auc"])
+    with open(tmp_path / "alpha_0.5" / "eval" / "test_scores.csv") as f:
+        scored = list(csv.DictReader(f))
+    labels = [int(r["label"]) for r in scored]
+    for term in ("flow", "recon"):  # the trained run scored nll/mean: the study's pass gives the same terms
+        expected = roc_auc_score(labels, [float(r[f"score_{term}"]) for r in scored])
+        assert rows["nll/mean"][f"test_auc_{term}_term"] == pytest.approx(expected, abs=1e-6), term
+    with pytest.raises(SystemExit):
+        ablations.main(["scoring", "--output", str(study_dir), *common])

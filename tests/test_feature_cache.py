@@ -4,6 +4,7 @@ half-written or foreign entry ever reused."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,6 +81,14 @@ def test_disk_cache_is_reused_and_keyed_by_preprocessing(images, network, tmp_pa
     assert again[3]["image"].meta["filename_or_obj"] == images[3]["image"]
     resized = _dataset(images, network, tmp_path, size=2 * SIZE)  # another image size: another key, not reused
     assert resized.disk_hits == 0 and resized[0]["features"].shape[-1] == 2 * SIZE // 16
+
+
+def test_another_spelling_of_the_same_path_reuses_the_cache(images, network, tmp_path, monkeypatch):
+    _dataset(images, network, tmp_path)
+    folder = Path(images[0]["image"]).parent
+    monkeypatch.chdir(folder.parent)
+    respelt = [{**item, "image": f"./{folder.name}/../{folder.name}/{Path(item['image']).name}"} for item in images]
+    assert _dataset(respelt, network, tmp_path).disk_hits == len(images)
 
 
 def test_another_encoder_never_reuses_the_cache(images, network, tmp_path):
