@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import logging
 import time
@@ -110,7 +111,8 @@ def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
 
 
 def record(workdir: Path, output: Path, data: str, command: str, purpose: str = "") -> dict:
-    """One committed result file from a setting's folder: what ran, on what, and both protocols' metrics."""
+    """One committed result file from a setting's folder: what ran, on what, both protocols' metrics, and the md5
+    of the model that produced them (so a shipped copy can be traced to its numbers)."""
     workdir = Path(workdir)
     settings = json.loads((workdir / "settings.json").read_text())
     test = json.loads((workdir / "eval" / "test_metrics.json").read_text())
@@ -124,6 +126,7 @@ def record(workdir: Path, output: Path, data: str, command: str, purpose: str = 
         "validation": validation["paper_protocol"],
         "scorer": test["scorer"],
         "test": {key: test[key] for key in PROTOCOLS if key in test},
+        "model_md5": hashlib.md5((workdir / "models" / "model.pt").read_bytes()).hexdigest(),
     }
     reports.write_json(output, result)
     return result
@@ -291,6 +294,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--command", dest="command_line", default="", help="record: the command that made the run")
     parser.add_argument("--purpose", default="", help="record: why the run was made, and what it is not")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tables this command prints
     output, overrides = Path(args.output), _overrides(args.set)
     if args.kind in ("scoring", "record") and not args.run:
         parser.error(f"{args.kind} needs --run")

@@ -6,6 +6,7 @@ the setting's folder into a result file with the settings the run really used.""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 
 import pytest
@@ -37,6 +38,7 @@ def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp
     assert result["settings"]["alpha"] == 0.5 and result["settings"]["beta_selection"] == "fixed"
     assert result["settings"]["epochs"] == TINY_OVERRIDES["epochs"]
     assert result["test"]["paper_protocol"] == run["paper_protocol"]
+    assert result["model_md5"] == hashlib.md5((tmp_path / "alpha_0.5" / "models" / "model.pt").read_bytes()).hexdigest()
     assert set(result["validation"]) >= {"auc", "f1", "acc", "sen", "spe"}
 
     study_dir = tmp_path / "scoring"

@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
 import pytest
 from conftest import SHARED, bundle_workflow
+from monai.bundle import ConfigParser
 
 from scripts import zoo_checks
+from scripts.checkpoints import load_network
 
 SCHEMA = SHARED / "schemas" / "meta_schema_20240725.json"
 
@@ -63,3 +66,21 @@ def test_shipped_model_reproduces_its_eval_metrics(bundle_root, tmp_path):
     measured = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["paper_protocol"]
     for name in ("auc", "f1", "acc", "sen", "spe"):
         assert measured[name] == pytest.approx(claimed[f"synthetic_brain_test_{name}"], abs=5e-3), name
+
+
+def test_shipped_chest_xray_model_is_the_recorded_run(bundle_root):
+    """``models/chest_xray/model.pt`` is the run of ``docs/results/chest_xray.json`` (same md5), its metadata
+    ``eval_metrics`` are that record's test numbers, and it loads into the network its recorded configs build.
+    (Re-evaluating it needs the Chest X-ray data and minutes of CPU: ``evaluate.json`` with ``--ckpt_dir``.)"""
+    record = json.loads((bundle_root / "docs" / "results" / "chest_xray.json").read_text())
+    model_file = bundle_root / "models" / "chest_xray" / "model.pt"
+    assert hashlib.md5(model_file.read_bytes()).hexdigest() == record["model_md5"]
+    claimed = json.loads((bundle_root / "configs" / "metadata.json").read_text())["eval_metrics"]
+    for name in ("auc", "f1", "acc", "sen", "spe"):
+        assert claimed[f"chest_xray_test_{name}"] == round(record["test"]["paper_protocol"][name], 4), name
+    parser = ConfigParser()
+    parser.read_config([str(bundle_root / path) for path in record["settings"]["configs"]])
+    parser.update({"bundle_root": str(bundle_root), "image_size": record["settings"]["image_size"]})
+    network = load_network(parser.get_parsed_content("network_def"), model_file)
+    assert network.scorer.beta == record["scorer"]["beta"]
+    assert float(network.scorer.threshold) == pytest.approx(record["scorer"]["threshold"])
