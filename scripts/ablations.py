@@ -245,6 +245,9 @@ def scoring_designs(configs, overrides, workdir: Path, output: Path) -> dict:
     designs = [(form, reduction) for form in FLOW_SCORES for reduction in REDUCTIONS]
     val_labels, val_terms = _split_terms(parser, network, "validation", designs)
     test_labels, test_terms = _split_terms(parser, network, "test", designs)
+    for split, labels in (("validation", val_labels), ("test", test_labels)):
+        if set(labels.tolist()) != {0, 1}:
+            raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
     rows = {
         f"{form}/{reduction}": _design_metrics(
             form, val_labels, val_terms[form, reduction], test_labels, test_terms[form, reduction], network.scorer.beta
