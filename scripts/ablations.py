@@ -206,6 +206,8 @@ def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict
                 for name in ("flow", "recon"):
                     value = reduce_map(maps[form][name], reduction, base.topk_fraction)
                     terms[form, reduction][name].append(value)
+    if set(labels) != {0, 1}:  # checked before any design is fitted on, or measured on, this split
+        raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
     return np.asarray(labels), {d: {n: torch.cat(v) for n, v in t.items()} for d, t in terms.items()}
 
 
@@ -217,8 +219,7 @@ def _design_metrics(form: str, val_labels, val_terms, test_labels, test_terms, p
     val = {name: scorer.standardize(name, value).numpy() for name, value in val_terms.items()}
     test = {name: scorer.standardize(name, value).numpy() for name, value in test_terms.items()}
     beta, val_aucs = choose_beta(val_labels, val["flow"], val["recon"], BETA_GRID, preferred_beta)
-    val_scores = beta * val["flow"] + (1 - beta) * val["recon"]
-    test_scores = beta * test["flow"] + (1 - beta) * test["recon"]
+    val_scores, test_scores = scorer.combine(val_terms, beta).numpy(), scorer.combine(test_terms, beta).numpy()
     return {
         "beta": beta,
         "validation_auc": val_aucs[beta],
@@ -245,9 +246,6 @@ def scoring_designs(configs, overrides, workdir: Path, output: Path) -> dict:
     designs = [(form, reduction) for form in FLOW_SCORES for reduction in REDUCTIONS]
     val_labels, val_terms = _split_terms(parser, network, "validation", designs)
     test_labels, test_terms = _split_terms(parser, network, "test", designs)
-    for split, labels in (("validation", val_labels), ("test", test_labels)):
-        if set(labels.tolist()) != {0, 1}:
-            raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
     rows = {
         f"{form}/{reduction}": _design_metrics(
             form, val_labels, val_terms[form, reduction], test_labels, test_terms[form, reduction], network.scorer.beta
