@@ -35,9 +35,9 @@ from monai.utils import convert_to_tensor
 from sklearn.metrics import roc_auc_score
 
 from . import reports
-from .checkpoints import load_network
-from .metrics import anomaly_metrics, best_f1_threshold, choose_beta
-from .scores import BETA_GRID, FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
+from .metrics import anomaly_metrics
+from .model_file import network_from_file
+from .scores import FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
 
 logger = logging.getLogger(__name__)
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -143,10 +143,10 @@ def beta_curve(eval_dir: Path, betas=BETAS) -> dict[float, float]:
     """Test AUC (%) at every beta, from one evaluation's raw terms standardised as the trained scorer does."""
     labels, flow, recon = _term_arrays(eval_dir)
     stats = json.loads((eval_dir / "test_metrics.json").read_text())["scorer"]
-    if stats["normalization"] == "zscore":
-        flow = (flow - stats["term_stats"]["flow"][0]) / stats["term_stats"]["flow"][1]
-        recon = (recon - stats["term_stats"]["recon"][0]) / stats["term_stats"]["recon"][1]
-    return {beta: 100 * float(roc_auc_score(labels, beta * flow + (1 - beta) * recon)) for beta in betas}
+    scorer = AnomalyScorer(normalization=stats["normalization"])
+    scorer.term_stats.copy_(torch.tensor([stats["term_stats"]["flow"], stats["term_stats"]["recon"]]))
+    terms = {"flow": torch.from_numpy(flow), "recon": torch.from_numpy(recon)}
+    return {beta: 100 * float(roc_auc_score(labels, scorer.combine(terms, beta).numpy())) for beta in betas}
 
 
 def alpha_beta(configs, overrides, output: Path, alphas=ALPHAS, betas=BETAS) -> dict:
@@ -212,24 +212,19 @@ def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict
 
 
 def _design_metrics(form: str, val_labels, val_terms, test_labels, test_terms, preferred_beta: float) -> dict:
-    """Calibrate on the validation split's normal images, choose beta and the threshold there, apply to test."""
-    scorer = AnomalyScorer(flow_score=form)
-    normal = torch.as_tensor(val_labels == 0)
-    scorer.calibrate(val_terms["flow"][normal], val_terms["recon"][normal])
-    val = {name: scorer.standardize(name, value).numpy() for name, value in val_terms.items()}
+    """Fit the scorer on the validation split (normalisation, beta, threshold), apply it to test."""
+    scorer = AnomalyScorer(beta=preferred_beta, flow_score=form, beta_selection="validation")
+    scorer.fit(val_labels, val_terms)
     test = {name: scorer.standardize(name, value).numpy() for name, value in test_terms.items()}
-    beta, val_aucs = choose_beta(val_labels, val["flow"], val["recon"], BETA_GRID, preferred_beta)
-    val_scores, test_scores = scorer.combine(val_terms, beta).numpy(), scorer.combine(test_terms, beta).numpy()
+    test_scores = scorer.combine(test_terms).numpy()
     return {
-        "beta": beta,
-        "validation_auc": val_aucs[beta],
-        "validation_auc_by_beta": val_aucs,
+        "beta": scorer.beta,
+        "validation_auc": scorer.beta_aucs[scorer.beta],
+        "validation_auc_by_beta": scorer.beta_aucs,
         "test_auc_flow_term": float(roc_auc_score(test_labels, test["flow"])),
         "test_auc_recon_term": float(roc_auc_score(test_labels, test["recon"])),
         "test_paper_protocol": anomaly_metrics(test_labels, test_scores),
-        "test_deployment_protocol": anomaly_metrics(
-            test_labels, test_scores, best_f1_threshold(val_labels, val_scores)
-        ),
+        "test_deployment_protocol": anomaly_metrics(test_labels, test_scores, float(scorer.threshold)),
     }
 
 
@@ -242,7 +237,7 @@ def scoring_designs(configs, overrides, workdir: Path, output: Path) -> dict:
     parser = ConfigParser()
     parser.read_config(configs)
     parser.update({**overrides, "output_dir": _expression(output)})
-    network = load_network(parser.get_parsed_content("network"), Path(workdir) / "models" / "model.pt").eval()
+    network = network_from_file(Path(workdir) / "models" / "model.pt").eval()
     designs = [(form, reduction) for form in FLOW_SCORES for reduction in REDUCTIONS]
     val_labels, val_terms = _split_terms(parser, network, "validation", designs)
     test_labels, test_terms = _split_terms(parser, network, "test", designs)

@@ -51,8 +51,8 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict:
     return checkpoint
 
 
-# Buffers where NaN is a value, "not chosen yet": the scorer's operating threshold before any validation.
-NAN_MEANS_UNSET = ("scorer.threshold",)
+# Buffers where NaN is a value, "not chosen yet": the scorer's thresholds before any validation.
+NAN_MEANS_UNSET = ("scorer.threshold", "scorer.pixel_threshold")
 
 
 def nonfinite_entries(state, prefix: str = "") -> list[str]:
@@ -84,11 +84,18 @@ def _network_signature(network: torch.nn.Module) -> dict:
 
 
 def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.PathLike) -> None:
-    """Refuse a state dict that does not fit ``network``, saying whether the encoder or the architecture differs."""
+    """Refuse a state dict that does not fit ``network``, saying whether the encoder or the architecture differs,
+    or that the file predates self-describing model files."""
+    from .model_file import EXTRA_STATE_KEY, old_file_message
+
     network = network.module if hasattr(network, "module") else network
-    expected = {k: tuple(v.shape) for k, v in network.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
-    if len(found) != len(state) or not found:
+    expected_state = network.state_dict()
+    described = [k for k in expected_state if k.endswith(EXTRA_STATE_KEY)]
+    if described and not any(k.endswith(EXTRA_STATE_KEY) for k in state):
+        raise CheckpointError(old_file_message(path))
+    expected = {k: tuple(v.shape) for k, v in expected_state.items() if k not in described}
+    found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor) and k not in described}
+    if len(found) != len(state) - len(described) or not found:
         raise CheckpointError(f"Checkpoint {path} is not a network state dict (it has non-tensor entries or none).")
     differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
     if not differing:

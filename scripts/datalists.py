@@ -61,11 +61,13 @@ def load_split(datalist_file: str, split: str, base_dir: str | None = None, norm
     return items
 
 
-def list_inputs(directory: str, pattern: str = "*") -> list[dict]:
-    """Inference inputs: every file under ``directory`` matching ``pattern``, sorted, as ``{"image": path}``."""
+def list_inputs(directory: str, pattern: str | list[str] = "*") -> list[dict]:
+    """Inference inputs: every file under ``directory`` matching ``pattern`` (or any of several), sorted, as
+    ``{"image": path}``."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Input directory {directory!r} does not exist.")
-    files = sorted(str(p) for p in Path(directory).glob(pattern) if p.is_file())
+    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
+    files = sorted({str(p) for glob in patterns for p in Path(directory).glob(glob) if p.is_file()})
     if not files:
-        raise FileNotFoundError(f"No input matches {pattern!r} in {directory!r}.")
+        raise FileNotFoundError(f"No input matches {' or '.join(map(repr, patterns))} in {directory!r}.")
     return [{"image": f} for f in files]

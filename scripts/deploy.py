@@ -5,16 +5,20 @@ all-or-nothing outputs.
 own ``python -m monai.bundle run`` (files on disk), MONAI Deploy's ``MonaiBundleInferenceOperator`` and MONAI
 Label's ``monaibundle`` app (both drop ``LoadImage*``/``SaveImage*`` and hand the postprocessing's ``pred`` on,
 Deploy cast to uint8). So the postprocessing ends with a 0/1 uint8 "anomaly" mask in ``pred`` and keeps the float
-map under ``anomaly_map`` and the scores under ``scores``.
+map under ``anomaly_map`` and the scores under ``scores``. The scores are the scorer's own (``AnomalyInferer``
+puts them on the map's metadata); this module only reports them.
 
->>> scores = AnomalyScoresd("pred")({"pred": torch.rand(1, 8, 8, 5)})["scores"]
->>> len(scores["slice_scores"]), scores["aggregation"]
-(5, 'max')
+>>> pred = MetaTensor(torch.rand(1, 8, 8), meta={RESULTS_KEY: {"slice_scores": [0.25], "slice_index": [0],
+...     "reduction": "mean", "threshold": 0.5, "pixel_threshold": 2.0}})
+>>> scores = AnomalyScoresd("pred")({"pred": pred})["scores"]
+>>> scores["score"], scores["anomalous"]
+(0.25, False)
 """
 
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
@@ -32,12 +36,12 @@ from monai.data import MetaTensor
 from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform
 
+from .engines import RESULTS_KEY
 from .inputs import check_array
-from .scores import REDUCTIONS, reduce_map
+from .scores import VOLUME_AGGREGATION, volume_score
 from .transforms import StrictLoadImaged
 
 logger = logging.getLogger(__name__)
-VOLUME_AGGREGATION = "max"
 
 
 def _source(image) -> str:
@@ -80,10 +84,9 @@ class CheckInputd(MapTransform):
             image, name = d[key], _source(d[key])
             shape = tuple(image.shape)
             if image.ndim - 1 != self.spatial_dims:
-                hint = " (use configs/inference_2d.json for 2D images)" if image.ndim - 1 == 2 else ""
                 raise ValueError(
                     f"Input {name} has {image.ndim - 1} spatial dimension(s) (channel-first shape {shape}); "
-                    f"expected {self._expected()}{hint}."
+                    f"expected {self._expected()}, as this model's input_spec says."
                 )
             if shape[0] not in {self.channels, 1, 3}:
                 raise ValueError(
@@ -95,45 +98,43 @@ class CheckInputd(MapTransform):
 
 
 class AnomalyScoresd(MapTransform):
-    """Per-slice scores of a channel-first anomaly map on the network's grid, and the volume's score.
+    """The input's scores, as ``AnomalyInferer`` computed them with the model's scorer: per scored slice, and for
+    the volume (``scores.volume_score``); a 2D image is one slice. Nothing is re-reduced here, so these are the
+    evaluator's scores. Also drops a leading batch axis of one (MONAI Deploy postprocesses batched output)."""
 
-    A slice's score is its map reduced with the scorer's ``reduction``: with ``mean`` (the default) that is exactly
-    the evaluator's image score of equation (2), because the standardised map is linear in its terms. A volume's
-    score is the maximum over its slices (one anomalous slice makes the volume anomalous), as in the bundle's
-    ``volume_scores.csv``. A 2D map gives one slice.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        scores_key: str = "scores",
-        reduction: str = "mean",
-        topk_fraction: float = 0.05,
-        allow_missing_keys=False,
-    ):
+    def __init__(self, keys: KeysCollection, scores_key: str = "scores", allow_missing_keys=False):
         super().__init__(keys, allow_missing_keys)
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"Unknown score_reduction {reduction!r}; allowed: {', '.join(REDUCTIONS)}.")
         self.scores_key = scores_key
-        self.reduction = reduction
-        self.topk_fraction = topk_fraction
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            score_map = torch.as_tensor(d[key]).float()
-            if score_map.ndim == 3:  # (C, H, W): a 2D image is a volume of one slice
-                score_map = score_map[..., None]
-            slices = score_map.permute(3, 0, 1, 2)  # (D, C, H, W)
-            slice_scores = reduce_map(slices, self.reduction, self.topk_fraction)
-            top = int(torch.argmax(slice_scores))
+            pred = d[key]
+            results = getattr(pred, "meta", {}).get(RESULTS_KEY)
+            if results is None:
+                raise ValueError(f"{key!r} carries no scores: the inferer must be scripts.engines.AnomalyInferer.")
+            if isinstance(results, (list, tuple)):  # still batched (Deploy): one item
+                if len(results) != 1:
+                    raise ValueError(f"Expected one input per call, got a batch of {len(results)}.")
+                results = results[0]
+            image = d.get("image")
+            if image is not None and pred.ndim == image.ndim + 1 and pred.shape[0] == 1:
+                pred = pred[0]
+            results = json.loads(results) if isinstance(results, str) else results
+            d[key] = pred
+            score, top = volume_score(torch.tensor(results["slice_scores"]))
+            threshold = results["threshold"]
             d[self.scores_key] = {
-                "source": _source(d[key]),
-                "score": float(slice_scores[top]),
+                "source": _source(pred),
+                "score": score,
                 "aggregation": VOLUME_AGGREGATION,
-                "max_slice": top,
-                "slice_reduction": self.reduction,
-                "slice_scores": [float(s) for s in slice_scores],
+                "max_slice": results["slice_index"][top],
+                "threshold": threshold if np.isfinite(threshold) else None,
+                "anomalous": bool(score >= threshold) if np.isfinite(threshold) else None,
+                "mask_threshold": results["pixel_threshold"] if np.isfinite(results["pixel_threshold"]) else None,
+                "slice_reduction": results["reduction"],
+                "slice_index": results["slice_index"],
+                "slice_scores": results["slice_scores"],
             }
         return d
 
@@ -141,22 +142,41 @@ class AnomalyScoresd(MapTransform):
 class AnomalyMaskd(MapTransform):
     """Turn the float anomaly map into the 0/1 uint8 "anomaly" mask that Deploy and Label pass on.
 
-    The map is in standardised units (z-scores of normal images' terms); pixels above ``threshold`` form the mask.
-    The float map stays available under ``map_key``.
+    Pixels above ``threshold`` form the mask; by default (``None``) that is the model's pixel threshold, which
+    ``AnomalyScorer.fit`` calibrated on normal validation images (map units), as ``AnomalyScoresd`` reported it
+    under ``scores_key``; the threshold used is recorded there. Unscored slices (NaN) are 0. The float map stays
+    available under ``map_key``.
     """
 
     def __init__(
-        self, keys: KeysCollection, threshold: float = 3.0, map_key: str = "anomaly_map", allow_missing_keys=False
+        self,
+        keys: KeysCollection,
+        threshold: float | None = None,
+        map_key: str = "anomaly_map",
+        scores_key: str = "scores",
+        allow_missing_keys=False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.threshold = float(threshold)
+        self.threshold = None if threshold is None else float(threshold)
         self.map_key = map_key
+        self.scores_key = scores_key
+
+    def _threshold(self, scores: dict) -> float:
+        if self.threshold is not None:
+            scores["mask_threshold"] = self.threshold
+        if scores.get("mask_threshold") is None:
+            raise ValueError(
+                "The model has no calibrated pixel threshold for the anomaly mask (a model file of bundle < 0.5.0 "
+                "or one never validated): pass --mask_threshold, or retrain."
+            )
+        return float(scores["mask_threshold"])
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             score_map = d[key]
-            mask = (torch.as_tensor(score_map) > self.threshold).to(torch.uint8)
+            d[self.scores_key] = scores = dict(d.get(self.scores_key) or {})
+            mask = (torch.as_tensor(score_map) > self._threshold(scores)).to(torch.uint8)
             if isinstance(score_map, MetaTensor):
                 mask = MetaTensor(
                     mask, meta=dict(score_map.meta), applied_operations=list(score_map.applied_operations)
@@ -164,6 +184,34 @@ class AnomalyMaskd(MapTransform):
             d[self.map_key] = score_map
             d[key] = mask
         return d
+
+
+class AnomalyOutputWriter:
+    """Writes each inference output (``write_report``) as soon as its iteration completes; two inputs whose
+    outputs would share a name (``a.png`` and ``a.jpg``) stop the run instead of overwriting each other."""
+
+    def __init__(self, output_dir: str, network: torch.nn.Module, nifti_for_2d: bool = False):
+        self.output_dir = output_dir
+        self.network = network
+        self.nifti_for_2d = nifti_for_2d
+        self.sources: dict[str, str] = {}
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.sources.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        network = getattr(self.network, "module", self.network)
+        outputs = engine.state.output if isinstance(engine.state.output, list) else [engine.state.output]
+        for post in outputs:
+            source = post["scores"]["source"]
+            earlier = self.sources.setdefault(_stem(source), source)
+            if earlier != source:
+                raise ValueError(
+                    f"Inputs {earlier} and {source} would write outputs of the same name ({_stem(source)}_*): "
+                    "rename one, or score them in separate runs."
+                )
+            write_report(self.output_dir, post, network.input_spec, self.nifti_for_2d)
 
 
 class StagedOutputs:
@@ -200,10 +248,12 @@ class StagedOutputs:
         raise error
 
 
-def read_input(path: str | os.PathLike, reader: str = "NibabelReader") -> tuple[np.ndarray, dict]:
+def read_input(path: str | os.PathLike, input_spec: Mapping) -> tuple[np.ndarray, dict]:
     """An image file as a Deploy app hands it to the bundle operator: the array (gray images without a channel
-    axis) and MONAI's metadata (affine, original channel dimension), read with the bundle's strict loader."""
-    image = StrictLoadImaged("image", reader)({"image": str(path)})["image"]
+    axis) and MONAI's metadata (affine, original channel dimension), read with the bundle's strict loader and the
+    model's reader settings."""
+    reader = StrictLoadImaged("image", input_spec["reader"], reader_args=input_spec.get("reader_args"))
+    image = reader({"image": str(path)})["image"]
     meta = dict(image.meta)
     meta["filename_or_obj"] = str(path)
     return image.numpy(), meta
@@ -222,22 +272,26 @@ def _nifti_bytes(array: np.ndarray, affine) -> bytes:
     return gzip.compress(nib.Nifti1Image(array, affine).to_bytes(), compresslevel=6)
 
 
-def write_report(output_dir: str | os.PathLike, post: Mapping) -> dict[str, Path]:
-    """Write one input's float anomaly map, 0/1 mask (NIfTI, on the input's grid) and scores (JSON).
+def _png_bytes(array: np.ndarray, input_spec: Mapping) -> bytes:
+    """A 2D (H, W) uint8 array as PNG, in the pixel order of the input file it belongs to."""
+    from PIL import Image
 
-    ``post`` is the postprocessing's output (``anomaly_map``, ``pred``, ``scores``). All files are complete before
-    any of them appears in ``output_dir``.
-    """
-    score_map, mask, scores = post["anomaly_map"], post["pred"], dict(post["scores"])
-    affine = getattr(score_map, "affine", None)
-    affine = np.eye(4) if affine is None else affine.cpu().numpy() if torch.is_tensor(affine) else affine
-    stem = _stem(scores.get("source", "input"))
-    contents = {
-        f"{stem}_anomaly_map.nii.gz": _nifti_bytes(np.asarray(score_map, dtype=np.float32)[0], affine),
-        f"{stem}_anomaly_mask.nii.gz": _nifti_bytes(np.asarray(mask, dtype=np.uint8)[0], affine),
-        f"{stem}_scores.json": (json.dumps(scores, indent=4) + "\n").encode(),
-    }
-    output_dir = Path(output_dir)
+    if input_spec.get("reader_args", {}).get("reverse_indexing", True):
+        array = array.T  # PILReader's default hands images over as (W, H)
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def map_to_uint8(score_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
+    """8-bit rendering of an anomaly map: 0 at or below the normal level (0), 128 at the mask's pixel threshold,
+    255 at twice it and above."""
+    scale = pixel_threshold if np.isfinite(pixel_threshold) and pixel_threshold > 0 else np.nanmax(score_map)
+    return np.clip(np.nan_to_num(score_map, nan=0.0) / max(float(scale), 1e-8) * 128, 0, 255).astype(np.uint8)
+
+
+def _atomic_files(output_dir: Path, contents: dict[str, bytes]) -> dict[str, Path]:
+    """Write every file next to its target first, then rename them all: none appears half-written."""
     output_dir.mkdir(parents=True, exist_ok=True)
     staged = {}
     try:
@@ -253,3 +307,28 @@ def write_report(output_dir: str | os.PathLike, post: Mapping) -> dict[str, Path
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return {name: output_dir / name for name in contents}
+
+
+def write_report(
+    output_dir: str | os.PathLike, post: Mapping, input_spec: Mapping, nifti_for_2d: bool = False
+) -> dict[str, Path]:
+    """Write one input's anomaly map, 0/1 mask and scores (JSON), on the input's grid.
+
+    A volume gets NIfTI files (the float map, NaN on slices not scored, and the uint8 mask); a 2D image gets PNG
+    files (the map rendered by ``map_to_uint8``, the mask as 0/255) and, with ``nifti_for_2d``, NIfTI as well.
+    ``post`` is the postprocessing's output (``anomaly_map``, ``pred``, ``scores``).
+    """
+    score_map = np.asarray(post["anomaly_map"], dtype=np.float32)[0]
+    mask, scores = np.asarray(post["pred"], dtype=np.uint8)[0], dict(post["scores"])
+    affine = getattr(post["anomaly_map"], "affine", None)
+    affine = np.eye(4) if affine is None else affine.cpu().numpy() if torch.is_tensor(affine) else affine
+    stem = _stem(scores.get("source", "input"))
+    contents = {f"{stem}_scores.json": (json.dumps(scores, indent=4) + "\n").encode()}
+    if score_map.ndim == 2:
+        rendered = map_to_uint8(score_map, float(scores.get("mask_threshold") or "nan"))
+        contents[f"{stem}_anomaly_map.png"] = _png_bytes(rendered, input_spec)
+        contents[f"{stem}_anomaly_mask.png"] = _png_bytes(mask * np.uint8(255), input_spec)
+    if score_map.ndim == 3 or nifti_for_2d:
+        contents[f"{stem}_anomaly_map.nii.gz"] = _nifti_bytes(score_map, affine)
+        contents[f"{stem}_anomaly_mask.nii.gz"] = _nifti_bytes(mask, affine)
+    return _atomic_files(Path(output_dir), contents)

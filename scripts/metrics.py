@@ -65,19 +65,6 @@ def anomaly_metrics(labels, scores, threshold: float | None = None) -> dict:
     }
 
 
-def choose_beta(labels, flow_terms, recon_terms, grid, preferred: float) -> tuple[float, dict[float, float]]:
-    """The beta of equation (2) with the best AUC on validation data; ties go to the one nearest ``preferred``.
-
-    ``flow_terms`` and ``recon_terms`` are the standardised image-level terms.
-    """
-    labels = np.asarray(labels, dtype=int).ravel()
-    flow, recon = np.asarray(flow_terms, dtype=float).ravel(), np.asarray(recon_terms, dtype=float).ravel()
-    aucs = {float(beta): float(roc_auc_score(labels, beta * flow + (1 - beta) * recon)) for beta in grid}
-    best = max(aucs.values())
-    chosen = min((beta for beta, auc in aucs.items() if auc >= best - 1e-12), key=lambda b: abs(b - preferred))
-    return chosen, aucs
-
-
 def validation_protocol(labels, scores, n_folds: int = 5, validation_fraction: float = 0.2, seed: int = 0) -> dict:
     """Appendix A: threshold from a stratified validation part, metrics on the rest; mean and std over folds."""
     labels, scores = _as_arrays(labels, scores)

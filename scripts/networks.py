@@ -1,5 +1,8 @@
 """AE-FLOW: frozen encoder -> normalizing flow -> decoder (paper section 2, figure 2).
 
+The network describes itself: its settings and the ``input_spec`` of its preprocessing are its PyTorch extra state,
+saved inside the state dict and checked on every load (``scripts.model_file``).
+
 In eval mode ``forward`` returns one tensor, the pixel-level anomaly map (B, 1, H, W), because MONAI's tools
 (Deploy's bundle operator, ``verify_net_in_out``, ``ckpt_export``, ``SliceInferer``) keep a single output. In
 train mode it returns ``FlowOutput`` (z', log|det J|, x') for the loss, as anomalib's FastFlow does; going
@@ -12,6 +15,7 @@ torch.Size([2, 1, 64, 64])
 
 from __future__ import annotations
 
+import inspect
 from typing import NamedTuple, Sequence
 
 import torch
@@ -20,7 +24,11 @@ from torch import nn
 from .decoder import Decoder
 from .encoders import STRIDE, build_encoder
 from .flow import build_flow
+from .model_file import ModelMismatchError, check_format, describe, differences, encode
+from .preprocessing import resolve_spec
 from .scores import AnomalyScorer
+
+DEFAULT_INPUT_SPEC = {"kind": "volume"}
 
 
 class FlowOutput(NamedTuple):
@@ -64,8 +72,32 @@ class AEFlow(nn.Module):
         data_range: float = 1.0,
         ssim_window: int = 11,
         beta_selection: str = "fixed",
+        mask_quantile: float = 0.999,
+        input_spec: dict | None = None,
     ):
         super().__init__()
+        self.settings = {
+            "encoder": encoder,
+            "encoder_weights": str(encoder_weights),
+            "image_size": list(_image_size(image_size)),
+            "in_channels": in_channels,
+            "subnet": subnet,
+            "flow_blocks": flow_blocks,
+            "flow_clamp": flow_clamp,
+            "subnet_hidden_ratio": subnet_hidden_ratio,
+            "flow_init": flow_init,
+            "output_activation": output_activation,
+            "beta": beta,
+            "flow_score": flow_score,
+            "score_reduction": score_reduction,
+            "score_topk_fraction": score_topk_fraction,
+            "score_normalization": score_normalization,
+            "data_range": data_range,
+            "ssim_window": ssim_window,
+            "beta_selection": beta_selection,
+            "mask_quantile": mask_quantile,
+        }
+        self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
         self.image_size = _image_size(image_size)
@@ -95,7 +127,22 @@ class AEFlow(nn.Module):
             data_range=data_range,
             ssim_window=ssim_window,
             beta_selection=beta_selection,
+            mask_quantile=mask_quantile,
         )
+
+    def get_extra_state(self) -> torch.Tensor:
+        """What this network is, saved with its weights (``scripts.model_file``: JSON text as a uint8 tensor)."""
+        return encode(describe(self.settings, self.input_spec))
+
+    def set_extra_state(self, state) -> None:
+        """Refuse a model file made for another network, naming every setting that differs."""
+        saved = check_format(state)
+        # a setting added after the file was written: the file's model has that setting's default
+        defaults = {k: p.default for k, p in inspect.signature(AEFlow).parameters.items() if k in self.settings}
+        saved["network"] = {**defaults, **saved.get("network", {})}
+        mismatch = differences(saved, {**self.settings, "input_spec": self.input_spec})
+        if mismatch:
+            raise ModelMismatchError("the model file was made for another network: " + "; ".join(mismatch))
 
     def trainable_parameters(self):
         """The paper optimises the flow and the decoder only (section 3.2)."""

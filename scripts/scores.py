@@ -15,6 +15,11 @@ two terms commensurate before the beta-weighted sum. Which term carries the sign
 lesions), so ``beta_selection="validation"`` lets the validation split choose beta from ``BETA_GRID``; the
 chosen beta and the operating threshold (best F1 on validation) are buffers that travel with the model.
 
+``AnomalyScorer.fit`` is the one place where the scorer is calibrated on validation data: the term statistics on
+its normal images, beta, the image-level operating threshold (best F1) and the pixel threshold of the anomaly mask
+(a high quantile of normal images' map values, so the mask is in the same units as the map). Training's validation,
+``scripts.ablations`` and every deployment path use it and ``image_scores``, nothing else.
+
 Each term map is reduced to an image-level term (``mean`` as in equation (2); ``max`` and ``topk`` favour small,
 local anomalies) and the terms are combined; the pixel map combines the standardised term maps the same way, so
 with ``mean`` the image score is the map's mean.
@@ -27,11 +32,14 @@ with ``mean`` the image score is the map's mean.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from .losses import check_weight
+from .metrics import best_f1_threshold
 
 FLOW_SCORES = ("nll", "density")
 REDUCTIONS = ("mean", "max", "topk")
@@ -39,6 +47,22 @@ NORMALIZATIONS = ("none", "zscore")
 TERMS = ("flow", "recon")
 BETA_SELECTIONS = ("fixed", "validation")
 BETA_GRID = tuple(round(0.1 * step, 1) for step in range(11))
+VOLUME_AGGREGATION = "max"
+PIXELS_PER_IMAGE = 4096  # normal-image map values kept per image to fit the mask's pixel threshold
+
+
+def volume_score(slice_scores: torch.Tensor) -> tuple[float, int]:
+    """A volume's score and the slice it comes from: the maximum over its scored slices, since one anomalous
+    slice makes the volume anomalous."""
+    scores = torch.as_tensor(slice_scores).float().flatten()
+    top = int(torch.argmax(scores))
+    return float(scores[top]), top
+
+
+def pixel_sample(score_map: torch.Tensor, count: int = PIXELS_PER_IMAGE) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, <= count): an evenly strided, deterministic sample of each map's values."""
+    flat = score_map.flatten(1)
+    return flat[:, :: max(1, flat.shape[1] // count)]
 
 
 def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -113,6 +137,7 @@ class AnomalyScorer(nn.Module):
         data_range: float = 1.0,
         ssim_window: int = 11,
         beta_selection: str = "fixed",
+        mask_quantile: float = 0.999,
     ):
         super().__init__()
         self.configured_beta = check_weight("beta", beta)
@@ -131,6 +156,11 @@ class AnomalyScorer(nn.Module):
         self.register_buffer("term_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         # operating point for deployment: score >= threshold means abnormal; NaN until chosen on validation data
         self.register_buffer("threshold", torch.tensor(float("nan")))
+        # anomaly-mask threshold in the map's units: the mask_quantile of normal validation images' map values
+        if not 0.0 < mask_quantile < 1.0:
+            raise ValueError(f"mask_quantile must lie in (0, 1), got {mask_quantile}.")
+        self.mask_quantile = float(mask_quantile)
+        self.register_buffer("pixel_threshold", torch.tensor(float("nan")))
 
     @property
     def beta(self) -> float:
@@ -165,6 +195,38 @@ class AnomalyScorer(nn.Module):
         """Image-level score and its two raw (unstandardised) terms."""
         terms = {name: self.reduce(maps[name]) for name in TERMS}
         return {"score": self.combine(terms), "score_flow": terms["flow"], "score_recon": terms["recon"]}
+
+    def choose_beta(self, labels, terms: dict[str, torch.Tensor]) -> dict[float, float]:
+        """Set the beta of ``BETA_GRID`` with the best AUC on these (validation) terms; ties go to the configured
+        beta. Returns the AUC of every beta."""
+        aucs = {beta: float(roc_auc_score(labels, self.combine(terms, beta).numpy())) for beta in BETA_GRID}
+        best = max(aucs.values())
+        chosen = min((b for b, auc in aucs.items() if auc >= best - 1e-12), key=lambda b: abs(b - self.configured_beta))
+        self.set_beta(chosen)
+        return aucs
+
+    @torch.no_grad()
+    def fit(self, labels, terms: dict[str, torch.Tensor], normal_pixels: dict[str, torch.Tensor] | None = None):
+        """Calibrate on validation data (labels: 0 normal, 1 abnormal, -1 unknown); returns its scores.
+
+        Term statistics come from the normal images; beta (with ``beta_selection="validation"``) and the
+        operating threshold need both classes; ``normal_pixels`` (term-map values of normal images, see
+        ``pixel_sample``) give the pixel threshold of the anomaly mask.
+        """
+        labels = np.asarray(labels)
+        normal, labelled = torch.as_tensor(labels == 0), labels >= 0
+        both_classes = bool((labels == 0).any() and (labels == 1).any())
+        self.calibrate(terms["flow"][normal], terms["recon"][normal])
+        self.beta_aucs = {}
+        if self.beta_selection == "validation" and both_classes:
+            self.beta_aucs = self.choose_beta(labels[labelled], {k: v[labelled] for k, v in terms.items()})
+        scores = self.combine(terms)
+        if both_classes:
+            self.threshold.fill_(best_f1_threshold(labels[labelled], scores[labelled].numpy()))
+        if normal_pixels is not None and normal_pixels["flow"].numel():
+            values = self.combine(normal_pixels).flatten().float()
+            self.pixel_threshold.fill_(float(np.quantile(values.numpy(), self.mask_quantile)))
+        return scores
 
     @torch.no_grad()
     def calibrate(self, flow_terms: torch.Tensor, recon_terms: torch.Tensor) -> None:

@@ -20,11 +20,13 @@ import nibabel as nib
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from .preprocessing import central_slice_range
+
 logger = logging.getLogger(__name__)
 
 SHAPE = (96, 96, 48)  # H, W, D (axial slices along the last axis)
 SPACING = (2.0, 2.0, 3.0)
-CENTRAL_FRACTION = 0.5  # the paper keeps the central portion of each volume
+CENTRAL_FRACTION = 0.5  # the paper keeps the central portion of each volume; train.json's slice_fraction
 SPLITS = {"training": (8, 0), "validation": (3, 3), "test": (4, 4)}  # (healthy, with lesion) volumes
 DATALIST_NAME = "datalist.json"
 DATASET_VERSION = 2
@@ -67,11 +69,9 @@ def synthetic_volume(rng: np.random.Generator, lesion: bool, shape=SHAPE) -> tup
 
 
 def _slice_items(image: str, mask: np.ndarray) -> list[dict]:
-    depth = mask.shape[2]
-    start = int(round(depth * (1 - CENTRAL_FRACTION) / 2))
     return [
         {"image": image, "slice": k, "label": int(mask[:, :, k].any())}
-        for k in range(start, start + int(round(depth * CENTRAL_FRACTION)))
+        for k in central_slice_range(mask.shape[2], CENTRAL_FRACTION)
     ]
 
 

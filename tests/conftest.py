@@ -105,6 +105,16 @@ def bundle_workflow(root: Path, configs: list[str], workflow_type: str, **overri
     return workflow
 
 
+def assert_same_state(state: dict, expected: dict, atol: float = 0.0) -> None:
+    """Two network state dicts hold the same weights and description (NaN equal to NaN: an unset threshold)."""
+    import torch
+
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        rtol = 0.0 if atol == 0 else 1e-4
+        torch.testing.assert_close(state[key], value, atol=atol, rtol=rtol, equal_nan=True, msg=key)
+
+
 def tiny_run_override(root: Path, dataset: Path, out: Path, output_dir: str | None = None) -> dict:
     """Overrides for a tiny run of the bundle on ``dataset`` with its models and outputs under ``out``."""
     return {

@@ -7,6 +7,7 @@ import argparse
 
 import pytest
 import torch
+from conftest import assert_same_state
 from ignite.engine import Engine
 
 from scripts.checkpoints import (
@@ -45,9 +46,7 @@ def test_matching_checkpoint_loads(saved):
     for p in network.parameters():
         p.data.zero_()
     _load(saved, network)
-    expected = torch.load(saved, weights_only=True)
-    for key, value in network.state_dict().items():  # NaN == NaN here: the unset threshold loads as unset
-        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, equal_nan=True)
+    assert_same_state(network.state_dict(), torch.load(saved, weights_only=True))
 
 
 @pytest.mark.parametrize("cut", [0, 100, -50])
@@ -154,8 +153,7 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         next(network.decoder.parameters()).fill_(float("nan"))
     engine.run([0], max_epochs=1)  # a diverged network at the end of a run: the good file must stay
     kept = torch.load(tmp_path / "model.pt", weights_only=True)
-    for key in good:  # the good file stays (its unset threshold is NaN in both)
-        torch.testing.assert_close(kept[key], good[key], rtol=0, atol=0, equal_nan=True)
+    assert_same_state(kept, good)  # the good file stays
 
 
 def test_resume_checkpoint_names_the_encoder_it_was_saved_with(tmp_path):

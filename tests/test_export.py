@@ -39,8 +39,7 @@ def exported(bundle_root, tmp_path_factory):
         meta_file=str(bundle_root / "configs" / "metadata.json"),
         config_file=str(bundle_root / "configs" / "inference.json"),
         bundle_root=str(bundle_root),
-        image_size=SIZE,
-        flow_blocks=BLOCKS,
+        model_file=str(out / "model.pt"),
         use_trace=True,
         input_shape=[1, 1, SIZE, SIZE],
     )
@@ -60,7 +59,7 @@ def test_torchscript_carries_metadata_and_inference_config(exported, bundle_root
     _, metadata, extra = load_net_with_metadata(str(out / "model.ts"), more_extra_files=("inference.json",))
     assert metadata["version"] == json.loads((bundle_root / "configs" / "metadata.json").read_text())["version"]
     assert "network_data_format" in metadata
-    assert json.loads(extra["inference.json"])["preprocessing"]["_target_"] == "Compose"
+    assert json.loads(extra["inference.json"])["preprocessing"]["_target_"] == "scripts.preprocessing.input_transforms"
 
 
 def _compare(net, exported_forward, tolerance):

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -106,3 +107,49 @@ def test_image_score_of_mean_reduction_is_mean_of_anomaly_map():
     scores = scorer.image_scores(maps)
     torch.testing.assert_close(scores["score"], scorer.combine(maps).mean(dim=(1, 2, 3)), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(scores["score_recon"], maps["recon"].mean(dim=(1, 2, 3)))
+
+
+def _fit_terms(informative: str, rng) -> tuple[np.ndarray, dict]:
+    labels = np.r_[np.zeros(60, int), np.ones(60, int)]
+    signal, noise = rng.normal(size=120) + 3.0 * labels, rng.normal(size=120)
+    pair = (signal, noise) if informative == "flow" else (noise, signal)
+    return labels, {name: torch.tensor(values, dtype=torch.float32) for name, values in zip(("flow", "recon"), pair)}
+
+
+@pytest.mark.parametrize("informative, expected_beta", [("flow", 1.0), ("recon", 0.0)])
+def test_fit_chooses_the_beta_of_the_term_that_separates(informative, expected_beta):
+    labels, terms = _fit_terms(informative, np.random.default_rng(2))
+    scorer = AnomalyScorer(beta=0.5, beta_selection="validation")
+    scores = scorer.fit(labels, terms)
+    assert scorer.beta_aucs[scorer.beta] == max(scorer.beta_aucs.values())
+    assert abs(scorer.beta - expected_beta) <= 0.3
+    assert scorer.beta_aucs[expected_beta] > scorer.beta_aucs[1.0 - expected_beta]
+    torch.testing.assert_close(scores, scorer.combine(terms))  # fit returns the scores of the fitted scorer
+    normal = torch.as_tensor(labels == 0)
+    torch.testing.assert_close(
+        scorer.term_stats[0], torch.stack([terms["flow"][normal].mean(), terms["flow"][normal].std()])
+    )
+    assert float(scorer.threshold) in scores.tolist()  # the best-F1 operating point is an observed score
+
+
+def test_fit_breaks_beta_ties_towards_the_configured_value():
+    labels = np.array([0, 0, 1, 1])
+    values = torch.tensor([0.1, 0.2, 0.8, 0.9])  # every beta separates perfectly
+    scorer = AnomalyScorer(beta=0.7, beta_selection="validation")
+    scorer.fit(labels, {"flow": values, "recon": values.clone()})
+    assert scorer.beta == 0.7
+
+
+def test_fit_without_both_classes_keeps_beta_and_leaves_the_threshold_unset():
+    scorer = AnomalyScorer(beta=0.9, beta_selection="validation")
+    scorer.fit(
+        np.zeros(4, int), {"flow": torch.tensor([1.0, 2.0, 3.0, 4.0]), "recon": torch.tensor([0.1, 0.3, 0.2, 0.4])}
+    )
+    assert scorer.beta == 0.9 and scorer.beta_aucs == {} and torch.isnan(scorer.threshold)
+
+
+def test_fit_sets_the_mask_threshold_at_the_quantile_of_normal_map_values():
+    scorer = AnomalyScorer(beta=1.0, normalization="none", mask_quantile=0.99)
+    pixels = {"flow": torch.arange(1000, dtype=torch.float32).view(10, 100), "recon": torch.zeros(10, 100)}
+    scorer.fit(np.array([0, 0, 1]), {"flow": torch.tensor([0.0, 1.0, 5.0]), "recon": torch.zeros(3)}, pixels)
+    assert float(scorer.pixel_threshold) == pytest.approx(np.quantile(np.arange(1000), 0.99))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
-from scripts.metrics import anomaly_metrics, best_f1_threshold, choose_beta, validation_protocol
+from scripts.metrics import anomaly_metrics, best_f1_threshold, validation_protocol
 
 
 def _brute_force_best_f1(labels, scores):
@@ -57,22 +57,3 @@ def test_validation_protocol_is_stratified_and_uses_held_out_thresholds():
         assert (fold["n_normal"], fold["n_abnormal"]) == (80, 120)  # 80 % of each class
     assert result["summary"]["auc"]["std"] > 0
     assert 0.7 < result["summary"]["auc"]["mean"] < 1.0
-
-
-@pytest.mark.parametrize("informative, expected_beta", [("flow", 1.0), ("recon", 0.0)])
-def test_choose_beta_follows_the_term_that_separates(informative, expected_beta):
-    rng = np.random.default_rng(2)
-    labels = np.r_[np.zeros(60, int), np.ones(60, int)]
-    signal, noise = rng.normal(size=120) + 3.0 * labels, rng.normal(size=120)
-    terms = {"flow": signal, "recon": noise} if informative == "flow" else {"flow": noise, "recon": signal}
-    grid = [round(0.1 * k, 1) for k in range(11)]
-    beta, aucs = choose_beta(labels, terms["flow"], terms["recon"], grid, preferred=0.5)
-    assert aucs[beta] == max(aucs.values())
-    assert abs(beta - expected_beta) <= 0.3 and aucs[expected_beta] > aucs[1.0 - expected_beta]
-
-
-def test_choose_beta_breaks_ties_towards_the_preferred_value():
-    labels = np.array([0, 0, 1, 1])
-    flow = recon = np.array([0.1, 0.2, 0.8, 0.9])  # every beta separates perfectly
-    beta, _ = choose_beta(labels, flow, recon, [0.0, 0.5, 0.9, 1.0], preferred=0.9)
-    assert beta == 0.9

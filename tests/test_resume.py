@@ -14,7 +14,7 @@ import os
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, run_forked
+from conftest import TINY_OVERRIDES, assert_same_state, run_forked
 from monai.bundle.scripts import run as bundle_run
 
 EPOCHS = 3
@@ -55,9 +55,7 @@ def reference(bundle_root, tiny_dataset, tmp_path_factory):
 
 
 def _assert_same_model(state, expected, atol=0.0):
-    assert state.keys() == expected.keys()
-    for key, value in expected.items():
-        torch.testing.assert_close(state[key], value, atol=atol, rtol=0.0 if atol == 0 else 1e-4, msg=key)
+    assert_same_state(state, expected, atol)
 
 
 def test_same_seed_gives_identical_runs(bundle_root, tiny_dataset, tmp_path, reference):

@@ -17,6 +17,7 @@ import os
 import sys
 from pathlib import Path
 
+from monai.deploy.conditions import CountCondition
 from monai.deploy.core import AppContext, Application, Fragment, Image, Operator, OperatorSpec
 from monai.deploy.core.io_type import IOType
 from monai.deploy.operators.monai_bundle_inference_operator import (
@@ -24,8 +25,6 @@ from monai.deploy.operators.monai_bundle_inference_operator import (
     IOMapping,
     MonaiBundleInferenceOperator,
 )
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
 
 def _bundle_path(app_context: AppContext) -> Path:
@@ -43,10 +42,12 @@ def _bundle_path(app_context: AppContext) -> Path:
 
 
 class AnomalyInputOperator(Operator):
-    """Reads the one input file in the input folder; 2D images switch the bundle to configs/inference_2d.json."""
+    """Reads the one input file in the input folder as the model's ``input_spec`` says (its reader and reader
+    arguments: a 2D model reads PNG or JPEG images, a 3D model NIfTI volumes)."""
 
-    def __init__(self, fragment: Fragment, *args, input_path: Path, **kwargs):
+    def __init__(self, fragment: Fragment, *args, input_path: Path, input_spec: dict, **kwargs):
         self.input_path = Path(input_path)
+        self.input_spec = input_spec
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -59,14 +60,34 @@ class AnomalyInputOperator(Operator):
         files = [f for f in files if f.is_file() and not f.name.startswith(".")]
         if len(files) != 1:
             raise ValueError(f"Expected exactly one image file in {self.input_path}, found {len(files)}.")
-        is_2d = files[0].suffix.lower() in IMAGE_SUFFIXES
-        array, meta = read_input(files[0], "PILReader" if is_2d else "NibabelReader")
+        array, meta = read_input(files[0], self.input_spec)
         op_output.emit(Image(array, metadata=meta), "image")
 
 
 class AnomalyBundleInferenceOperator(MonaiBundleInferenceOperator):
     """The SDK's bundle operator, plus a ``report`` port with the postprocessing's float map, mask and scores
-    (the ``pred`` port alone carries the uint8 mask)."""
+    (the ``pred`` port alone carries the uint8 mask).
+
+    The SDK parses a bundle folder without setting ``bundle_root``, so the config's "." would be the working
+    directory (and ``models/model.pt`` someone else's); here the parser gets the bundle's own path first.
+    """
+
+    def _init_config(self, config_names):
+        from monai.deploy.operators import monai_bundle_inference_operator as sdk
+
+        read = sdk.get_bundle_config
+
+        def read_with_bundle_root(path, names):
+            parser = read(path, names)
+            parser["bundle_root"] = str(path)
+            parser.parse(reset=True)
+            return parser
+
+        sdk.get_bundle_config = read_with_bundle_root
+        try:
+            super()._init_config(config_names)
+        finally:
+            sdk.get_bundle_config = read
 
     def setup(self, spec: OperatorSpec):
         super().setup(spec)
@@ -82,17 +103,25 @@ class AnomalyBundleInferenceOperator(MonaiBundleInferenceOperator):
 
 
 class AnomalyReportOperator(Operator):
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, **kwargs):
+    """Writes the anomaly map, mask and scores as the bundle's own inference does (``scripts.deploy.write_report``)."""
+
+    def __init__(self, fragment: Fragment, *args, output_folder: Path, input_spec: dict, **kwargs):
         self.output_folder = Path(output_folder)
+        self.input_spec = input_spec
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
+        spec.input("pred")  # the SDK's uint8 mask Image: where a DICOM SEG writer would be connected instead
         spec.input("report")
 
     def compute(self, op_input, op_output, context):
         from scripts.deploy import write_report
 
-        written = write_report(self.output_folder, op_input.receive("report"))
+        mask, report = op_input.receive("pred"), op_input.receive("report")
+        logging.info(
+            "Mask from the bundle operator: shape %s, %d anomalous voxels.", mask.asnumpy().shape, mask.asnumpy().sum()
+        )
+        written = write_report(self.output_folder, report, self.input_spec)
         logging.info("Wrote %s", ", ".join(str(p) for p in written.values()))
 
 
@@ -100,23 +129,30 @@ class AEFlowAnomalyApp(Application):
     def compose(self):
         app_context = Application.init_app_context(self.argv)
         bundle = _bundle_path(app_context)
+        # No model objects from the SDK's factory: it would hand the inferer a generic Model wrapper of the folder,
+        # while the bundle's scores need its eager network, which the operator then builds from models/model.pt.
+        app_context.models = None
+        from scripts.model_file import read_description
+
+        input_spec = read_description(bundle / "models" / "model.pt")["input_spec"]
         input_path = Path(app_context.input_path)
-        single = [input_path] if input_path.is_file() else [p for p in input_path.iterdir() if p.is_file()]
-        is_2d = any(p.suffix.lower() in IMAGE_SUFFIXES for p in single)
-        configs = ["inference", "inference_2d"] if is_2d else ["inference"]
-        loader = AnomalyInputOperator(self, input_path=input_path, name="input")
+        # one input per run: a source operator without a count condition would emit for ever
+        loader = AnomalyInputOperator(
+            self, CountCondition(self, 1), input_path=input_path, input_spec=input_spec, name="input"
+        )
         inference = AnomalyBundleInferenceOperator(
             self,
             app_context=app_context,
             bundle_path=bundle,
             input_mapping=[IOMapping("image", Image, IOType.IN_MEMORY)],
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)],
-            bundle_config_names=BundleConfigNames(config_names=configs),
+            bundle_config_names=BundleConfigNames(config_names=["inference"]),
             name="aeflow_bundle",
         )
-        report = AnomalyReportOperator(self, output_folder=Path(app_context.output_path), name="report")
+        output = Path(app_context.output_path)
+        report = AnomalyReportOperator(self, output_folder=output, input_spec=input_spec, name="report")
         self.add_flow(loader, inference, {("image", "image")})
-        self.add_flow(inference, report, {("report", "report")})
+        self.add_flow(inference, report, {("pred", "pred"), ("report", "report")})
 
 
 def main():

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ..preprocessing import central_slice_range
 from .common import SPLITS, AdapterResult
 
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -52,10 +53,7 @@ def slice_range(depth: int, central_fraction: float = 0.5, first_last: tuple[int
     """The axial slices kept: ``first_last`` (inclusive, clipped to the volume) or the central fraction."""
     if first_last is not None:
         return range(max(first_last[0], 0), min(first_last[1], depth - 1) + 1)
-    if not 0.0 < central_fraction <= 1.0:
-        raise ValueError(f"central_fraction must lie in (0, 1], got {central_fraction}.")
-    start = int(round(depth * (1 - central_fraction) / 2))
-    return range(start, start + max(int(round(depth * central_fraction)), 1))
+    return central_slice_range(depth, central_fraction)
 
 
 def _case_file(case_dir: Path, kind: str) -> Path | None:

@@ -1,0 +1,200 @@
+"""A trained model file that says what it is: ``models/model.pt`` carries, beside the weights, the network's
+settings (encoder, image size, channels, subnet, flow, scorer) and the ``input_spec`` of its preprocessing.
+
+The description is the network's PyTorch "extra state" (``AEFlow.get_extra_state``), a JSON text stored as a uint8
+tensor (so every tool that walks a state dict, ONNX's tracer included, meets tensors only). It lives inside the plain
+state dict that MONAI's ``CheckpointLoader``, ``ckpt_export``, MONAI Deploy and MONAI Label load, and every one of
+them checks it: loading the file into a network built with other settings raises ``ModelMismatchError`` naming
+each setting with both values. The calibrated parts of the scorer (term statistics, beta, image and pixel
+thresholds) are buffers in the same state dict.
+
+Evaluation and inference build the network from the file (``network_from_file``); a setting passed explicitly
+(``expect``, e.g. an ``--image_size`` on the command line) must agree with the file. Commands:
+
+    python -m scripts.model_file describe models/model.pt
+    python -m scripts.model_file upgrade OLD.pt --output NEW.pt --config_file configs/train.json [--set k=v ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import os
+import sys
+from typing import Mapping
+
+import torch
+
+MODEL_FORMAT = "aeflow-model"
+FORMAT_VERSION = 1
+EXTRA_STATE_KEY = "_extra_state"
+# how the encoder got its weights before the file's own were loaded: not a property of the trained model
+NOT_COMPARED = ("encoder_weights",)
+
+
+class ModelMismatchError(ValueError):
+    """A model file that does not describe the network or the settings it is asked to serve."""
+
+
+def describe(settings: Mapping, input_spec: Mapping) -> dict:
+    return {
+        "format": MODEL_FORMAT,
+        "version": FORMAT_VERSION,
+        "network": json.loads(json.dumps(dict(settings))),
+        "input_spec": json.loads(json.dumps(dict(input_spec))),
+    }
+
+
+def encode(description: Mapping) -> torch.Tensor:
+    return torch.tensor(list(json.dumps(description, sort_keys=True).encode()), dtype=torch.uint8)
+
+
+def decode(state) -> dict:
+    """The description from its stored form (a uint8 tensor of JSON text)."""
+    if isinstance(state, torch.Tensor) and state.dtype == torch.uint8 and state.ndim == 1:
+        try:
+            return json.loads(bytes(state.tolist()).decode())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ModelMismatchError(f"the model description in the file is damaged: {error}") from error
+    return state
+
+
+def _comparable(key: str, value):
+    """The form a setting is stored in: ``image_size`` 256 is [256, 256], an ``input_spec`` has its defaults."""
+    from .preprocessing import resolve_spec
+
+    if key == "image_size" and isinstance(value, (int, float)):
+        value = [int(value)] * 2
+    elif key == "input_spec" and isinstance(value, Mapping):
+        value = resolve_spec(value)
+    return json.loads(json.dumps(value))  # tuples and lists, ints and floats compare as JSON does
+
+
+def differences(saved: Mapping, wanted: Mapping, accepted=()) -> list[str]:
+    """``key: file X, asked Y`` for each setting in ``wanted`` (a ``None`` means "whatever the file says")."""
+    found = {**saved.get("network", {}), "input_spec": saved.get("input_spec")}
+    return [
+        f"{key}: the model file has {found.get(key)!r}, this run asks for {value!r}"
+        for key, value in wanted.items()
+        if value is not None
+        and key not in NOT_COMPARED
+        and key not in accepted
+        and _comparable(key, found.get(key)) != _comparable(key, value)
+    ]
+
+
+def check_format(saved, source: str = "the model file") -> dict:
+    saved = decode(saved)
+    if not isinstance(saved, Mapping) or saved.get("format") != MODEL_FORMAT:
+        raise ModelMismatchError(f"{source} holds no AE-FLOW model description.")
+    if int(saved.get("version", 0)) > FORMAT_VERSION:
+        raise ModelMismatchError(
+            f"{source} was written by a newer bundle (model format {saved['version']}, this bundle reads up to "
+            f"{FORMAT_VERSION}); update the bundle."
+        )
+    return dict(saved)
+
+
+def old_file_message(path) -> str:
+    return (
+        f"{path} was saved before model files described themselves (bundle < 0.5.0): it has weights but no record "
+        "of the network settings and preprocessing they belong to. Convert it once, naming the configs (and any "
+        f"overrides) it was trained with: python -m scripts.model_file upgrade {path} --output NEW.pt "
+        "--config_file configs/train.json [...] [--set image_size=256 ...]; or retrain."
+    )
+
+
+def read_description(path: str | os.PathLike) -> dict:
+    """The description stored in a model file, without building anything."""
+    from .checkpoints import load_checkpoint
+
+    state = load_checkpoint(path)
+    state = state.get("model", state) if EXTRA_STATE_KEY not in state else state
+    if EXTRA_STATE_KEY not in state:
+        raise ModelMismatchError(old_file_message(path))
+    return check_format(state[EXTRA_STATE_KEY], str(path))
+
+
+def network_from_file(path: str | os.PathLike, expect: Mapping | None = None, map_location=None):
+    """The AE-FLOW network a model file describes, with its weights and calibration loaded (verified).
+
+    ``expect`` holds settings the caller insists on; each one that is not ``None`` must equal the file's.
+    """
+    from .checkpoints import load_network
+    from .encoders import MODEL_FILE_WEIGHTS
+    from .networks import AEFlow
+
+    description = read_description(path)
+    mismatch = differences(description, dict(expect or {}))
+    if mismatch:
+        raise ModelMismatchError(
+            f"{path} does not fit this run: " + "; ".join(mismatch) + ". Leave these settings out to use the "
+            "model's own (evaluation and inference take them from the model file), or retrain."
+        )
+    settings = {**description["network"], "encoder_weights": MODEL_FILE_WEIGHTS}
+    network = AEFlow(**settings, input_spec=description["input_spec"])
+    return load_network(network, path, map_location=map_location)
+
+
+def _parse_overrides(pairs: list[str]) -> dict:
+    overrides = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            overrides[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            overrides[key] = value
+    return overrides
+
+
+def upgrade(old_path: str, output: str, config_files: list[str], overrides: dict) -> dict:
+    """Write ``output``: the weights of a pre-0.5 model file with the description of the configs it was trained
+    with. Every weight must fit the network those configs build, so a wrong config is refused, not guessed."""
+    from monai.bundle import ConfigParser
+
+    from .checkpoints import check_state_dict, load_checkpoint
+    from .encoders import MODEL_FILE_WEIGHTS
+    from .reports import atomic_path
+
+    parser = ConfigParser()
+    parser.read_config(config_files)
+    parser.update({**overrides, "encoder_weights": MODEL_FILE_WEIGHTS})
+    network = parser.get_parsed_content("network_def")
+    state = load_checkpoint(old_path)
+    state = dict(state.get("model", state))
+    if EXTRA_STATE_KEY in state:
+        raise ModelMismatchError(f"{old_path} already describes itself: {json.dumps(decode(state[EXTRA_STATE_KEY]))}")
+    state[EXTRA_STATE_KEY] = network.get_extra_state()
+    check_state_dict(network, state, old_path)
+    network.load_state_dict(state, strict=True)
+    with atomic_path(output) as tmp:
+        torch.save(network.state_dict(), tmp)
+    return decode(network.get_extra_state())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m scripts.model_file", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    show = commands.add_parser("describe", help="print the description stored in a model file")
+    show.add_argument("model")
+    convert = commands.add_parser("upgrade", help="add the description to a model file of bundle < 0.5.0")
+    convert.add_argument("model")
+    convert.add_argument("--output", required=True)
+    convert.add_argument("--config_file", nargs="+", required=True, help="the configs it was trained with, in order")
+    convert.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="the overrides it was trained with")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "describe":
+            described = read_description(args.model)
+        else:
+            described = upgrade(args.model, args.output, args.config_file, _parse_overrides(args.set))
+    except (ModelMismatchError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps(described, indent=4))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
