@@ -37,7 +37,7 @@ from monai.data.utils import to_affine_nd
 from monai.transforms import MapTransform
 
 from .engines import RESULTS_KEY
-from .inputs import check_array
+from .inputs import BadInputError, check_array
 from .scores import VOLUME_AGGREGATION, volume_score
 from .transforms import StrictLoadImaged
 
@@ -84,12 +84,12 @@ class CheckInputd(MapTransform):
             image, name = d[key], _source(d[key])
             shape = tuple(image.shape)
             if image.ndim - 1 != self.spatial_dims:
-                raise ValueError(
+                raise BadInputError(
                     f"Input {name} has {image.ndim - 1} spatial dimension(s) (channel-first shape {shape}); "
                     f"expected {self._expected()}, as this model's input_spec says."
                 )
             if shape[0] not in {self.channels, 1, 3}:
-                raise ValueError(
+                raise BadInputError(
                     f"Input {name} has {shape[0]} channels (channel-first shape {shape}); expected {self._expected()}, "
                     "as configs/metadata.json network_data_format.inputs.image.num_channels says."
                 )

@@ -162,16 +162,15 @@ def efficientnet_lite(name: str = "efficientnet-lite0", weights: str = "imagenet
     if state is not None:
         net.load_state_dict(state)
     stride, channels_at = 2, {}
-    n_blocks = 0
-    for n_blocks, block in enumerate(net._blocks):
+    n_blocks = len(net._blocks)
+    for index, block in enumerate(net._blocks):
         block_stride = block._block_args.stride
         block_stride = block_stride[0] if isinstance(block_stride, (list, tuple)) else block_stride
         if stride * block_stride > STRIDE:
+            n_blocks = index
             break
         stride *= block_stride
         channels_at[stride] = block._block_args.output_filters
-    else:
-        n_blocks = len(net._blocks)
     skip = (channels_at[8], channels_at[4], channels_at[2])
     return FrozenEncoder(_EfficientNetLiteBody(net, n_blocks), channels_at[STRIDE], skip, name=name)
 

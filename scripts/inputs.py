@@ -22,8 +22,28 @@ logger = logging.getLogger(__name__)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-class BadInputError(ValueError):
-    """An input image that cannot be used; the message starts with the file's path."""
+try:  # a web framework that serves the bundle (MONAI Label's FastAPI server) answers these with their message
+    from starlette.exceptions import HTTPException as _ServedError
+except ImportError:  # pragma: no cover - starlette comes with mlflow
+    _ServedError = None
+
+
+class BadInputError(ValueError, *((_ServedError,) if _ServedError else ())):
+    """An input image that cannot be used; the message starts with the file's path.
+
+    It is also Starlette's ``HTTPException`` (status 422, the message as its detail), so a MONAI Label client
+    that sends a bad image reads why it was refused instead of a bare "Internal Server Error".
+    """
+
+    status_code = 422  # what Starlette's HTTPException handler reads: the status, the detail, no extra headers
+    headers = None
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.detail = message
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
 
 
 def check_path(path, data_root: str | None = None) -> str:

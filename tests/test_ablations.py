@@ -11,9 +11,8 @@ import json
 
 import pytest
 from conftest import TINY_OVERRIDES
-from sklearn.metrics import roc_auc_score
-
 from scripts import ablations
+from sklearn.metrics import roc_auc_score
 
 
 def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp_path):

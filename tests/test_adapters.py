@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 from conftest import BUNDLE_ROOT
 from PIL import Image
-
 from scripts.adapters import brats2021, image_folder, isic2018, main, medmnist, read_ras
 from scripts.adapters.brats import MODALITIES
 

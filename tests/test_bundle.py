@@ -110,9 +110,8 @@ def test_volume_inference_scores_each_slice_exactly_as_evaluation(bundle_root, t
 def test_whole_volume_inference_finds_the_demo_lesions(bundle_root, tmp_path):
     """The shipped demo model on the demo's test volumes (4 normal, 4 with a lesion): the volume scores rank the
     lesion volumes first at least as well as the slices rank in evaluation, and the mask lies in lesion slices."""
-    from sklearn.metrics import roc_auc_score
-
     from scripts.synthetic import prepare_default_dataset
+    from sklearn.metrics import roc_auc_score
 
     prepare_default_dataset(tmp_path / "synthetic_brain")
     volumes = tmp_path / "synthetic_brain" / "volumes"

@@ -9,7 +9,6 @@ import pytest
 import torch
 from conftest import assert_same_state
 from ignite.engine import Engine
-
 from scripts.checkpoints import (
     CheckpointError,
     FiniteCheckpointSaver,

@@ -53,13 +53,17 @@ def _save_model(path, references, input_spec=None):
         net.scorer.pixel_threshold.fill_(float(torch.quantile(maps[torch.isfinite(maps)], 0.9)))
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
-    return net
+    return path
 
 
-def _bundle(bundle_root, folder):
-    shutil.copytree(bundle_root / "configs", folder / "configs")
-    shutil.copytree(bundle_root / "scripts", folder / "scripts", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(bundle_root / "LICENSE", folder / "LICENSE")
+def _bundle(bundle_root, folder, references, input_spec=None):
+    """A runtime bundle as ``scripts.package`` lays it out, around a small model calibrated on ``references``."""
+    from scripts.model_file import read_description
+    from scripts.package import build
+
+    model = _save_model(folder.parent / "model_source" / "model.pt", references, input_spec)
+    build(folder, model)
+    assert read_description(folder / "models" / "model.pt") == read_description(model)
     return folder
 
 
@@ -75,9 +79,7 @@ def volume(tiny_dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def small_bundle(bundle_root, volume, tmp_path_factory):
     """A volume model's bundle, in the folder name MONAI Label serves."""
-    root = _bundle(bundle_root, tmp_path_factory.mktemp("bundle") / "aeflow_anomaly")
-    _save_model(root / "models" / "model.pt", [volume])
-    return root
+    return _bundle(bundle_root, tmp_path_factory.mktemp("bundle") / "aeflow_anomaly", [volume])
 
 
 def _write_images(volume, folder, suffixes=(".png", ".jpg"), count=5):
@@ -93,9 +95,8 @@ def _write_images(volume, folder, suffixes=(".png", ".jpg"), count=5):
 @pytest.fixture(scope="module")
 def image_bundle(bundle_root, volume, tmp_path_factory):
     """A 2D model's bundle (PNG and JPEG input) and a folder of such images with a datalist."""
-    root = _bundle(bundle_root, tmp_path_factory.mktemp("image_bundle") / "aeflow_anomaly")
     images = _write_images(volume, tmp_path_factory.mktemp("images"))
-    _save_model(root / "models" / "model.pt", images, IMAGE_SPEC)
+    root = _bundle(bundle_root, tmp_path_factory.mktemp("image_bundle") / "aeflow_anomaly", images, IMAGE_SPEC)
     items = [{"image": p.name, "label": k % 2} for k, p in enumerate(images)]
     datalist = {"training": items, "validation": items, "test": items}
     (images[0].parent / "datalist.json").write_text(json.dumps(datalist, indent=4))
@@ -440,11 +441,11 @@ def test_monai_label_bundle_contract(small_bundle, volume, nibabel_run):
     key_image, image = next(iter(metadata["network_data_format"]["inputs"].items()))
     key_pred, pred = next(iter(metadata["network_data_format"]["outputs"].items()))
     labels = {v.lower(): int(k) for k, v in pred.get("channel_def", {}).items() if v.lower() != "background"}
-    assert (key_image, key_pred) == ("image", "pred")
+    assert (key_image, key_pred, labels) == ("image", "pred", {"anomaly": 1})  # the runtime bundle's metadata
 
     pre = list(config.get_parsed_content("preprocessing", instantiate=True).transforms)
     assert not any(isinstance(t, LoadImaged) for t in pre)  # Label would swap LoadImaged; the strict loader stays
-    post = [t for t in config.get_parsed_content("postprocessing", instantiate=True).transforms]
+    post = list(config.get_parsed_content("postprocessing", instantiate=True).transforms)
     post = [t for t in post if not isinstance(t, SaveImaged)]  # Label's post_filter
     data = Compose(pre)({key_image: str(volume)})
     with torch.no_grad():
@@ -455,4 +456,3 @@ def test_monai_label_bundle_contract(small_bundle, volume, nibabel_run):
     assert mask.shape[1:] == nib.load(volume).shape  # restored to the study's grid
     bundle_mask = np.asarray(nib.load(nibabel_run / "case_flair_anomaly_mask.nii.gz").dataobj)
     np.testing.assert_array_equal(mask[0], bundle_mask)
-    assert labels == {"anomaly": 1} or not labels

@@ -11,7 +11,6 @@ import pytest
 import torch
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandFlipd, Resized, ScaleIntensityd
 from PIL import Image
-
 from scripts.feature_cache import FeatureCacheDataset
 from scripts.losses import AEFlowLoss
 from scripts.networks import AEFlow

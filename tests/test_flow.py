@@ -3,7 +3,6 @@ identity so that the first epochs do not spend themselves undoing an exploded fe
 
 import pytest
 import torch
-
 from scripts.flow import FLOW_INITS, SUBNETS, build_flow
 
 

@@ -9,10 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from torch import nn
-
 from scripts.handlers import AnomalyMetricsHandler
 from scripts.scores import AnomalyScorer
+from torch import nn
 
 
 def _records(handler, labels, flow, recon):

@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from monai.bundle import ConfigWorkflow
 from PIL import Image
-
 from scripts.inputs import FLOAT32_MAX, BadInputError, screen_items
 from scripts.transforms import SelectSliced, StrictLoadImaged
 

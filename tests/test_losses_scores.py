@@ -5,7 +5,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from scripts.losses import HALF_LOG_2PI, AEFlowLoss, flow_nll
 from scripts.scores import AnomalyScorer, flow_score_map, reduce_map, ssim_map
 

@@ -2,9 +2,8 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, roc_auc_score
-
 from scripts.metrics import anomaly_metrics, best_f1_threshold, validation_protocol
+from sklearn.metrics import f1_score, roc_auc_score
 
 
 def _brute_force_best_f1(labels, scores):

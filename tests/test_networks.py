@@ -4,7 +4,6 @@ import logging
 
 import pytest
 import torch
-
 from scripts.decoder import Decoder
 from scripts.encoders import EncoderWeightsUnavailable, build_encoder
 from scripts.networks import AEFlow

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 from conftest import SHARED, bundle_workflow
-
 from scripts import zoo_checks
 
 SCHEMA = SHARED / "schemas" / "meta_schema_20240725.json"
@@ -43,7 +42,7 @@ def test_metadata_schema_net_in_out_and_export_reload(bundle_root, tmp_path):
     metadata = json.loads((broken / "configs" / "metadata.json").read_text())
     del metadata["required_packages_version"]
     (broken / "configs" / "metadata.json").write_text(json.dumps(metadata))
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="required_packages_version"):
         zoo_checks.check_metadata(broken, SCHEMA)
 
 
@@ -112,3 +111,26 @@ def test_shipped_chest_xray_model_re_evaluates_to_its_eval_metrics_with_no_overr
     measured = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["paper_protocol"]
     for name in ("auc", "f1", "acc", "sen", "spe"):
         assert measured[name] == pytest.approx(claimed[f"chest_xray_test_{name}"], abs=5e-3), name
+
+
+def test_the_zoo_unit_test_pattern_runs_from_another_directory(bundle_root, tmp_path):
+    """The model-zoo runs bundles from its own root: a fresh interpreter elsewhere, with nothing of the bundle on
+    its path, trains one epoch, evaluates and infers through ``ConfigWorkflow`` with ``bundle_root`` only."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    script = bundle_root / "tests" / "zoo_unit_test_pattern.py"
+    done = subprocess.run(
+        [sys.executable, str(script), str(bundle_root), str(tmp_path / "out")],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["inferred"] == ["test_000_flair_scores.json", "test_004_flair_scores.json"]
+    assert 0.0 <= result["test_auc"] <= 1.0

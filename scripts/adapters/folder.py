@@ -57,9 +57,9 @@ def image_folder(
         if folder is None:
             continue
         present = sorted(p.name for p in folder.iterdir() if p.is_dir())
-        wanted = {name: 0 for name in normal_classes}
+        wanted = dict.fromkeys(normal_classes, 0)
         if split != "training":
-            wanted.update({name: 1 for name in (abnormal_classes or [p for p in present if p not in normal_classes])})
+            wanted.update(dict.fromkeys(abnormal_classes or [p for p in present if p not in normal_classes], 1))
         missing = [name for name in wanted if name not in present and not (split == "training" and wanted[name])]
         if missing:
             raise ValueError(f"Class folder(s) {missing} not found in {folder}; present: {present}.")
