@@ -29,6 +29,7 @@ from .preprocessing import resolve_spec
 from .scores import AnomalyScorer
 
 DEFAULT_INPUT_SPEC = {"kind": "volume"}
+FEATURE_NORMS = ("none", "layernorm")
 
 
 class FlowOutput(NamedTuple):
@@ -73,6 +74,7 @@ class AEFlow(nn.Module):
         ssim_window: int = 11,
         beta_selection: str = "fixed",
         mask_quantile: float = 0.999,
+        feature_norm: str = "none",
         input_spec: dict | None = None,
     ):
         super().__init__()
@@ -96,6 +98,7 @@ class AEFlow(nn.Module):
             "ssim_window": ssim_window,
             "beta_selection": beta_selection,
             "mask_quantile": mask_quantile,
+            "feature_norm": feature_norm,
         }
         self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
         if in_channels not in (1, 3):
@@ -105,6 +108,10 @@ class AEFlow(nn.Module):
         self.encoder = build_encoder(encoder, encoder_weights)
         feature_size = (self.image_size[0] // STRIDE, self.image_size[1] // STRIDE)
         self.feature_shape = (self.encoder.out_channels, *feature_size)
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"Unknown feature_norm {feature_norm!r}; allowed: {', '.join(FEATURE_NORMS)}.")
+        # FastFlow's LayerNorm over (C, h, w) of the frozen features, learnt with the flow; "none" is the paper's
+        self.feature_norm = nn.LayerNorm(self.feature_shape) if feature_norm == "layernorm" else nn.Identity()
         self.flow = (
             build_flow(
                 *self.feature_shape,
@@ -160,6 +167,7 @@ class AEFlow(nn.Module):
         return self.encoder(image)
 
     def flow_decode(self, features: torch.Tensor) -> FlowOutput:
+        features = self.feature_norm(features)
         if self.flow is None:  # flow_blocks = 0: the plain autoencoder baseline of the paper's table 1
             z_prime, log_jac_det = features, features.new_zeros(features.shape[0])
         else:

@@ -132,3 +132,25 @@ def test_wrong_input_shape_is_explained(tiny_net):
     tiny_net.eval()
     with pytest.raises(ValueError, match=r"expects images of shape \(B, 1, 64, 64\)"):
         tiny_net(torch.rand(1, 3, 64, 64))
+
+
+def test_feature_norm_is_a_trained_layernorm_or_nothing_and_older_files_mean_nothing(tmp_path):
+    """``feature_norm: layernorm`` (FastFlow's) standardises each image's features before the flow and trains with
+    it; a model file written before the setting existed loads as the paper's "none"."""
+    from scripts.model_file import decode, encode, network_from_file
+
+    torch.manual_seed(0)
+    normed = AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, feature_norm="layernorm").eval()
+    features = 5.0 + 3.0 * torch.randn(2, *normed.feature_shape)
+    inside = normed.feature_norm(features)
+    assert abs(float(inside.mean())) < 1e-3 and abs(float(inside.std()) - 1.0) < 1e-2
+    assert any(p is normed.feature_norm.weight for p in normed.trainable_parameters())
+    with pytest.raises(ValueError, match="Unknown feature_norm 'batch'"):
+        AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, feature_norm="batch")
+    plain = AEFlow(encoder_weights="none", image_size=64, flow_blocks=2)
+    state = plain.state_dict()
+    description = decode(state["_extra_state"])
+    del description["network"]["feature_norm"]
+    state["_extra_state"] = encode(description)
+    torch.save(state, tmp_path / "model.pt")
+    assert network_from_file(tmp_path / "model.pt").settings["feature_norm"] == "none"
