@@ -53,6 +53,7 @@ RECORDED_KEYS = (
     "subnet",
     "flow_blocks",
     "flow_init",
+    "feature_norm",
     "alpha",
     "beta",
     "beta_selection",

@@ -246,7 +246,7 @@ def test_a_model_file_from_before_self_description_is_explained_and_can_be_conve
     )
     new = tmp_path / "new" / "model.pt"
     configs = [str(small_bundle / "configs" / "train.json")]
-    sets = ["image_size=64", "flow_blocks=2", "beta_selection='fixed'"]
+    sets = ["image_size=64", "flow_blocks=2", "beta_selection='fixed'", "feature_norm='none'"]
     assert model_file.main(["upgrade", str(old), "--output", str(new), "--config_file", *configs, "--set", *sets]) == 0
     assert model_file.read_description(new)["network"]["image_size"] == [64, 64]
     converted = torch.load(new, weights_only=True)
