@@ -4,7 +4,7 @@ The network describes itself: its settings and the ``input_spec`` of its preproc
 saved inside the state dict and checked on every load (``scripts.model_file``).
 
 In eval mode ``forward`` returns one tensor, the pixel-level anomaly map (B, 1, H, W), because MONAI's tools
-(Deploy's bundle operator, ``verify_net_in_out``, ``ckpt_export``, ``SliceInferer``) keep a single output. In
+(Deploy's bundle operator, ``verify_net_in_out``, ``ckpt_export``, ``onnx_export``) keep a single output. In
 train mode it returns ``FlowOutput`` (z', log|det J|, x') for the loss, as anomalib's FastFlow does; going
 through ``forward`` keeps DistributedDataParallel's gradient hooks in play. ``score`` serves evaluation.
 
