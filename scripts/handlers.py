@@ -89,7 +89,7 @@ class AnomalyMetricsHandler:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
 
     def reset(self, engine: Engine | None = None) -> None:
-        self.records = {"name": [], "volume": [], "label": [], "score_flow": [], "score_recon": []}
+        self.records = {"name": [], "volume": [], "slice": [], "label": [], "score_flow": [], "score_recon": []}
         self.normal_pixels = {name: [] for name in TERMS}
         self.panels = []
 
@@ -101,9 +101,11 @@ class AnomalyMetricsHandler:
             depth = output["score"].shape[1]
             self.records["volume"] += [n for n in names for _ in range(depth)]
             slices = output["slice_index"].tolist()
+            self.records["slice"] += [k for ks in slices for k in ks]
             names = [f"{n}#slice={k}" for n, ks in zip(names, slices) for k in ks]
         else:
             self.records["volume"] += [""] * count
+            self.records["slice"] += [-1] * count
         labels = output.get("label", torch.full((len(names),), -1)).view(-1)
         if labels.numel() != len(names):  # a volume-level label says nothing about each slice
             labels = torch.full((len(names),), -1)
@@ -201,13 +203,11 @@ class AnomalyMetricsHandler:
 
     def volume_rows(self, volumes: list[str], scores: np.ndarray) -> list[dict]:
         """A volume's score (``scores.volume_score``) and the slice it comes from, among its scored slices."""
-        owner = np.asarray(self.records["volume"])
-        names = np.asarray(self.records["name"])
+        owner, slices = np.asarray(self.records["volume"]), np.asarray(self.records["slice"])
         rows = []
         for volume in volumes:
             score, top = volume_score(torch.as_tensor(scores[owner == volume]))
-            slice_name = names[owner == volume][top]
-            max_slice = int(slice_name.rsplit("#slice=", 1)[1]) if "#slice=" in slice_name else top
+            max_slice = int(slices[owner == volume][top])
             rows.append(
                 {"volume": volume, "score": score, "max_slice": max_slice, "n_slices": int((owner == volume).sum())}
             )

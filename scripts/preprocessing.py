@@ -107,11 +107,11 @@ def _size(image_size) -> list[int]:
     return [int(image_size)] * 2 if isinstance(image_size, (int, float)) else [int(s) for s in image_size]
 
 
-def _volume_steps(spec: dict, size: list[int], checks: list) -> list:
+def _volume_steps(spec: dict, size: list[int], checks: list, data_root: str | None = None) -> list:
     """Load, orient, scale and resize in-plane a whole volume: shared by training items and inference inputs, so
     a slice is bit-for-bit the same either way."""
     return [
-        _loader(spec, None),
+        _loader(spec, data_root),
         EnsureChannelFirstd("image"),
         *checks,
         Orientationd("image", axcodes=spec["orientation"]),
@@ -127,9 +127,8 @@ def item_transforms(spec: dict, image_size, channels: int, data_root: str | None
     if spec["kind"] == "image":
         resize = Resized("image", spatial_size=size, mode="bilinear", anti_aliasing=spec["anti_aliasing"])
         return [_loader(spec, data_root), EnsureChannelFirstd("image"), finish[0], _intensity(spec), resize, finish[1]]
-    volume = _volume_steps(spec, size, checks=[])
-    volume[0] = _loader(spec, data_root)
-    return [CachedVolumed("image", Compose(volume)), SelectSliced("image", axis=spec["slice_axis"]), *finish]
+    volume = Compose(_volume_steps(spec, size, checks=[], data_root=data_root))
+    return [CachedVolumed("image", volume), SelectSliced("image", axis=spec["slice_axis"]), *finish]
 
 
 def input_transforms(spec: dict, image_size, channels: int, check: bool = True) -> Compose:
@@ -143,9 +142,9 @@ def input_transforms(spec: dict, image_size, channels: int, check: bool = True) 
 
     spec, size = resolve_spec(spec), _size(image_size)
     checks = [CheckInputd("image", spatial_dims=3 if spec["kind"] == "volume" else 2, channels=channels)] * check
-    if spec["kind"] == "image":
-        first, *rest = item_transforms(spec, image_size, channels)[1:]
-        return Compose([_loader(spec, None), first, *checks, *rest])
+    if spec["kind"] == "image":  # the checks go right after the channel axis is made
+        steps = item_transforms(spec, image_size, channels)
+        return Compose([*steps[:2], *checks, *steps[2:]])
     finish = [EnsureChannelsd("image", channels=channels), EnsureTyped("image", dtype=torch.float32)]
     return Compose([*_volume_steps(spec, size, checks), *finish])
 

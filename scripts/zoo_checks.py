@@ -69,17 +69,15 @@ def export_and_reload(bundle_root: str | Path, filepath: str | Path, model_file:
 
     Returns the reloaded module and the names of the JSON files embedded in it.
     """
-    from monai.bundle import ConfigParser, ckpt_export
+    from monai.bundle import ckpt_export
     from monai.data import load_net_with_metadata
+
+    from .model_file import read_description
 
     root = Path(bundle_root)
     config_file, meta_file = root / "configs" / "inference.json", root / "configs" / "metadata.json"
     override = {"bundle_root": str(root), "model_file": str(model_file), **override}
-    parser = ConfigParser()
-    parser.read_config(str(config_file))
-    parser.read_meta(str(meta_file))
-    parser.update(override)
-    network = parser.get_parsed_content("network_def")
+    network = read_description(model_file)["network"]  # the traced input's shape: the model's own size
     ckpt_export(
         net_id="network_def",
         filepath=str(filepath),
@@ -87,7 +85,7 @@ def export_and_reload(bundle_root: str | Path, filepath: str | Path, model_file:
         meta_file=str(meta_file),
         config_file=str(config_file),
         use_trace=True,
-        input_shape=[1, network.in_channels, *network.image_size],
+        input_shape=[1, network["in_channels"], *network["image_size"]],
         **override,
     )
     network, metadata, extra = load_net_with_metadata(str(filepath), more_extra_files=("inference.json",))
