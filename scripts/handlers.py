@@ -292,3 +292,52 @@ class MLflowDetailsHandler:
         for pattern in self.artifact_globs:
             for path in sorted(Path(self.artifacts_dir).glob(pattern)):
                 tracker.client.log_artifact(run_id, str(path))
+
+
+class EarlyStopOnValidation:
+    """Stops training when the validation metric has not improved for ``patience`` validations (issue 13: train
+    until validation AUC stops improving; the best epoch is the one the checkpoint saver keeps).
+
+    Ignite's ``EarlyStopping`` attached to the trainer, reading the validator's metric after each validation, so
+    the config needs no reference from the validator back to the trainer (which would be circular).
+    ``patience=None`` (or 0) disables it. The count restarts when an interrupted run resumes.
+    """
+
+    def __init__(
+        self,
+        validator: Engine,
+        patience: int | None = None,
+        metric_name: str = "val_auc",
+        interval: int = 1,
+        min_delta: float = 0.0,
+    ):
+        if patience is not None and int(patience) < 0:
+            raise ValueError(f"early_stop_patience must be a positive number of validations or null, got {patience}.")
+        self.validator = validator
+        self.patience = int(patience or 0)
+        self.metric_name = metric_name
+        self.interval = max(1, int(interval))
+        self.min_delta = float(min_delta)
+
+    def score(self, _engine: Engine) -> float:
+        return float(self.validator.state.metrics[self.metric_name])
+
+    def attach(self, trainer: Engine) -> None:
+        if not self.patience:
+            return
+        from ignite.handlers import EarlyStopping
+
+        stopper = EarlyStopping(self.patience, self.score, trainer, threshold=self.min_delta)
+        stopper.logger = logger  # its "stopping" message goes to the run's log
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), stopper)
+        trainer.add_event_handler(Events.COMPLETED, lambda engine: self._report(engine, stopper))
+
+    def _report(self, trainer: Engine, stopper) -> None:
+        if trainer.state.epoch < trainer.state.max_epochs:
+            logger.info(
+                "Early stop after epoch %d: %s did not improve on %.4f for %d validation(s).",
+                trainer.state.epoch,
+                self.metric_name,
+                stopper.best_score,
+                self.patience,
+            )

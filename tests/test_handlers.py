@@ -63,3 +63,36 @@ def test_fixed_beta_is_left_alone():
     _records(handler, labels, np.arange(20.0), -np.linspace(0.9, 0.5, 20))
     handler.complete(SimpleNamespace(state=SimpleNamespace(metrics={})))
     assert network.scorer.beta == 0.9
+
+
+def _train_with_validation_aucs(aucs, patience, interval=1):
+    """A trainer whose validation after epoch k reports ``aucs[k - 1]``; returns the epochs it ran."""
+    from ignite.engine import Engine, Events
+    from scripts.handlers import EarlyStopOnValidation
+
+    trainer, validator = Engine(lambda engine, batch: None), Engine(lambda engine, batch: None)
+    validator.state.metrics = {}
+
+    @trainer.on(Events.EPOCH_COMPLETED(every=interval))
+    def validate(engine):  # attached first, as ValidationHandler is in train.json
+        validator.state.metrics["val_auc"] = aucs[engine.state.epoch - 1]
+
+    EarlyStopOnValidation(validator, patience=patience, interval=interval).attach(trainer)
+    trainer.run([0, 1], max_epochs=len(aucs))
+    return trainer.state.epoch
+
+
+def test_early_stop_waits_patience_validations_after_the_best():
+    aucs = [0.70, 0.80, 0.85, 0.84, 0.85, 0.83, 0.90, 0.91]
+    assert _train_with_validation_aucs(aucs, patience=3) == 6  # best at 3; 4, 5, 6 do not beat it
+    assert _train_with_validation_aucs(aucs, patience=4) == 8  # epoch 7 beats it in time
+    assert _train_with_validation_aucs(aucs, patience=None) == 8
+    # validation every second epoch: patience counts validations, not epochs
+    assert _train_with_validation_aucs([0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5], 2, interval=2) == 6
+
+
+def test_early_stop_refuses_negative_patience():
+    from scripts.handlers import EarlyStopOnValidation
+
+    with pytest.raises(ValueError, match="early_stop_patience"):
+        EarlyStopOnValidation(validator=None, patience=-1)
