@@ -66,6 +66,7 @@ RECORDED_KEYS = (
     "batch_size",
     "learning_rate",
     "weight_decay",
+    "early_stop_patience",
     "seed",
 )
 
@@ -176,14 +177,123 @@ def subnet_loss(configs, overrides, output: Path) -> dict:
     return table
 
 
-def compare(configs, overrides, output: Path, variants: dict[str, list[str]]) -> dict:
-    """Table 1's rows from the same parts: each variant adds its override config files."""
-    table = {
-        name: run_setting([*configs, *extra], overrides, output / name.replace(" ", "_"))
-        for name, extra in variants.items()
+def _mean_std(values: list[float]) -> dict:
+    return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
+
+
+def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
+    """Mean and std over seeds of the kept model's validation AUC (what chose it) and of its test AUC."""
+    validation = [json.loads((workdirs[s] / "eval" / "val_metrics.json").read_text()) for s in runs]
+    return {
+        "seeds": list(runs),
+        "validation_auc": _mean_std([v["paper_protocol"]["auc"] for v in validation]),
+        "test_auc": _mean_std([r["paper_protocol"]["auc"] for r in runs.values()]),
+        "wall_time_s": _mean_std([r["wall_time_s"] for r in runs.values()]),
+        "runs": runs,
     }
+
+
+def compare(configs, overrides, output: Path, variants: dict[str, list[str]], seeds: list[int] | None = None) -> dict:
+    """Table 1's rows from the same parts: each variant adds its override config files. With ``seeds``, every
+    variant is trained once per seed (flow and decoder initialisation, data order) and summarised as mean and std."""
+    table = {}
+    for name, extra in variants.items():
+        folder = output / name.replace(" ", "_")
+        if not seeds:
+            table[name] = run_setting([*configs, *extra], overrides, folder)
+            continue
+        workdirs = {seed: folder / f"seed_{seed}" for seed in seeds}
+        runs = {seed: run_setting([*configs, *extra], {**overrides, "seed": seed}, workdirs[seed]) for seed in seeds}
+        table[name] = seed_summary(runs, workdirs)
+        reports.write_json(output / "comparison.json", table)  # a finished variant is kept if a later one fails
     reports.write_json(output / "comparison.json", table)
     return table
+
+
+def _cached_features(parser, section: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
+    """A split's frozen-encoder features and labels, through the configs' own feature-cache dataset."""
+    if section == "validate":
+        parser["validate#data#split"] = split
+    dataset = parser.get_parsed_content(f"{section}#dataset", lazy=False)
+    items = [dataset[index] for index in range(len(dataset))]
+    features = torch.stack([convert_to_tensor(item["features"], track_meta=False).float() for item in items])
+    return features, np.array([int(item.get("label", 0)) for item in items])
+
+
+def flow_probe(train, val, test, feature_norm: str, subnet: str, epochs: int, batch_size: int, lr: float, seed: int):
+    """The flow of AE-FLOW alone (LayerNorm, 8 blocks, nll/mean score) on cached features: a cheap screen of what
+    the flow can find in one set of features, per epoch, with the epoch kept by validation AUC."""
+    from .flow import build_flow
+    from .losses import flow_nll
+    from .scores import flow_score_map
+
+    torch.manual_seed(seed)
+    features, val_labels, test_labels = train[0], val[1], test[1]
+    norm = torch.nn.LayerNorm(features.shape[1:]) if feature_norm == "layernorm" else torch.nn.Identity()
+    flow = build_flow(*features.shape[1:], subnet=subnet)
+    optimizer = torch.optim.Adam([*flow.parameters(), *norm.parameters()], lr=lr)
+
+    def scores(split: torch.Tensor) -> np.ndarray:
+        flow.eval()
+        with torch.no_grad():
+            out = [
+                flow_score_map(flow(norm(split[b : b + 128]))[0]).mean(dim=(1, 2, 3)) for b in range(0, len(split), 128)
+            ]
+        flow.train()
+        return torch.cat(out).numpy()
+
+    history = []
+    for _ in range(epochs):
+        order = torch.randperm(len(features))
+        for start in range(0, len(features), batch_size):
+            z_prime, log_jac_det = flow(norm(features[order[start : start + batch_size]]))
+            loss = flow_nll(z_prime, log_jac_det).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        history.append(
+            {
+                "validation_auc": float(roc_auc_score(val_labels, scores(val[0]))),
+                "test_auc": float(roc_auc_score(test_labels, scores(test[0]))),
+            }
+        )
+    kept = max(range(epochs), key=lambda epoch: history[epoch]["validation_auc"])
+    return {"kept_epoch": kept + 1, **history[kept], "by_epoch": history}
+
+
+def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds: list[int], epochs: int) -> dict:
+    """Which frozen features suit the flow, chosen on validation: the flow alone on each encoder's cached features,
+    once per seed; mean and std of the kept epoch's validation AUC decide, test AUC is reported beside it."""
+    from monai.bundle import ConfigParser
+
+    table = {}
+    for encoder in encoders:
+        parser = ConfigParser()
+        parser.read_config(configs)
+        parser.update({**overrides, "encoder": encoder, "output_dir": _expression(output)})
+        splits = [_cached_features(parser, "train", "training")]
+        splits += [_cached_features(parser, "validate", split) for split in ("validation", "test")]
+        settings = {key: parser.get_parsed_content(key) for key in ("feature_norm", "subnet", "batch_size")}
+        lr = parser.get_parsed_content("learning_rate")
+        runs = {seed: flow_probe(*splits, **settings, epochs=epochs, lr=lr, seed=seed) for seed in seeds}
+        table[encoder] = {
+            "validation_auc": _mean_std([run["validation_auc"] for run in runs.values()]),
+            "test_auc": _mean_std([run["test_auc"] for run in runs.values()]),
+            "channels": int(splits[0][0].shape[1]),
+            "runs": runs,
+        }
+        logger.info(
+            "%-20s validation AUC %.4f +- %.4f  test AUC %.4f +- %.4f",
+            encoder,
+            table[encoder]["validation_auc"]["mean"],
+            table[encoder]["validation_auc"]["std"],
+            table[encoder]["test_auc"]["mean"],
+            table[encoder]["test_auc"]["std"],
+        )
+    chosen = max(table, key=lambda name: table[name]["validation_auc"]["mean"])
+    result = {"chosen_on_validation": chosen, "epochs": epochs, "seeds": list(seeds), "encoders": table}
+    reports.write_json(output / "feature_screen.json", result)
+    return result
 
 
 def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict]:
@@ -278,7 +388,7 @@ def _overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.ablations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("alpha-beta", "subnet-loss", "compare", "scoring", "record"))
+    parser.add_argument("kind", choices=("alpha-beta", "subnet-loss", "compare", "scoring", "features", "record"))
     parser.add_argument("--configs", nargs="+", default=["configs/train.json"], help="bundle config files, in order")
     parser.add_argument("--output", required=True, help="folder for runs, tables and figures; record: the JSON file")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (JSON value)")
@@ -286,6 +396,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variant", action="append", metavar="NAME=CONFIG[,CONFIG]", help="compare: a named variant's extra configs"
     )
+    parser.add_argument("--seeds", type=int, nargs="+", help="compare: train every variant once per seed")
+    parser.add_argument(
+        "--encoders", nargs="+", default=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+    )
+    parser.add_argument("--probe_epochs", type=int, default=8, help="features: epochs of the flow-only probe")
     parser.add_argument("--run", help="scoring, record: a trained setting's folder (models/, eval/, settings.json)")
     parser.add_argument("--data", default="", help="record: what the data set and its splits are")
     parser.add_argument("--command", dest="command_line", default="", help="record: the command that made the run")
@@ -299,6 +414,8 @@ def main(argv: list[str] | None = None) -> None:
         record(Path(args.run), output, args.data, args.command_line, args.purpose)
     elif args.kind == "scoring":
         scoring_designs(args.configs, overrides, Path(args.run), output)
+    elif args.kind == "features":
+        feature_screen(args.configs, overrides, output, args.encoders, args.seeds or [0, 1, 2], args.probe_epochs)
     elif args.kind == "alpha-beta":
         alpha_beta(args.configs, overrides, output, tuple(args.alphas))
     elif args.kind == "subnet-loss":
@@ -308,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.variant or ["AE-FLOW="]:
             name, _, files = spec.partition("=")
             variants[name] = [f for f in files.split(",") if f]
-        compare(args.configs, overrides, output, variants)
+        compare(args.configs, overrides, output, variants, args.seeds)
 
 
 if __name__ == "__main__":

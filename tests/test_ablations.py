@@ -54,3 +54,25 @@ def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp
         assert rows["nll/mean"][f"test_auc_{term}_term"] == pytest.approx(expected, abs=1e-6), term
     with pytest.raises(SystemExit):
         ablations.main(["scoring", "--output", str(study_dir), *common])
+
+
+def test_feature_screen_chooses_on_validation(bundle_root, tiny_dataset, tmp_path):
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets += [f"dataset_dir={json.dumps(str(tiny_dataset))}", 'feature_norm="layernorm"']
+    common = ["--configs", str(bundle_root / "configs" / "train.json")] + [a for p in sets for a in ("--set", p)]
+    encoders = ["efficientnet-lite0", "efficientnet-lite2"]
+    args = ["features", "--output", str(tmp_path), "--encoders", *encoders, "--seeds", "0", "1", "--probe_epochs", "2"]
+    ablations.main([*args, *common])
+    screen = json.loads((tmp_path / "feature_screen.json").read_text())
+    table = screen["encoders"]
+    assert list(table) == encoders and screen["seeds"] == [0, 1]
+    assert table["efficientnet-lite0"]["channels"] == 112 and table["efficientnet-lite2"]["channels"] == 120
+    assert screen["chosen_on_validation"] == max(encoders, key=lambda name: table[name]["validation_auc"]["mean"])
+    for row in table.values():
+        for run in row["runs"].values():
+            assert len(run["by_epoch"]) == 2
+            assert run["validation_auc"] == max(epoch["validation_auc"] for epoch in run["by_epoch"])
+            assert run["test_auc"] == run["by_epoch"][run["kept_epoch"] - 1]["test_auc"]
+        assert row["validation_auc"]["mean"] == pytest.approx(
+            sum(run["validation_auc"] for run in row["runs"].values()) / 2
+        )
