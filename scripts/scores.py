@@ -40,6 +40,7 @@ from torch import nn
 
 from .losses import check_weight
 from .metrics import best_f1_threshold
+from .ssim import gaussian_window, ssim_map
 
 FLOW_SCORES = ("nll", "density")
 REDUCTIONS = ("mean", "max", "topk")
@@ -75,41 +76,6 @@ def flow_score_map(z_prime: torch.Tensor, form: str = "nll") -> torch.Tensor:
     """(B, C, h, w) -> (B, 1, h, w) negative log-density per location (constants dropped)."""
     nll = 0.5 * z_prime.pow(2).mean(dim=1, keepdim=True)
     return -torch.exp(-nll) if form == "density" else nll
-
-
-def gaussian_window(window: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """(1, 1, window, window) normalised Gaussian: the SSIM window of Wang et al. (2004) and of MONAI."""
-    offsets = torch.arange(window, dtype=torch.float32) - (window - 1) / 2
-    profile = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    profile = profile / profile.sum()
-    return torch.outer(profile, profile)[None, None]
-
-
-def ssim_map(
-    image: torch.Tensor,
-    reconstruction: torch.Tensor,
-    data_range: float = 1.0,
-    window: int = 11,
-    kernel: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-pixel SSIM (B, 1, H, W), channel-averaged; the valid-convolution border is filled by replication.
-
-    MONAI's ``compute_ssim_and_cs`` computes the same map (tests compare them), but it builds its kernel from the
-    input's channel count at run time, which ONNX cannot export. Here every channel is convolved with one
-    fixed-shape kernel (the scorer keeps it as a buffer), so the map traces and exports.
-    """
-    kernel = (gaussian_window(window) if kernel is None else kernel).to(device=image.device, dtype=torch.float32)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    x = reconstruction.float().flatten(0, 1).unsqueeze(1)
-    y = image.float().flatten(0, 1).unsqueeze(1)
-    mu_x, mu_y = F.conv2d(x, kernel), F.conv2d(y, kernel)
-    sigma_x = F.conv2d(x * x, kernel) - mu_x * mu_x
-    sigma_y = F.conv2d(y * y, kernel) - mu_y * mu_y
-    sigma_xy = F.conv2d(x * y, kernel) - mu_x * mu_y
-    ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * sigma_xy + c2) / (sigma_x + sigma_y + c2))
-    ssim = ssim.reshape(image.shape[0], -1, *ssim.shape[-2:]).mean(dim=1, keepdim=True)
-    pad = window // 2
-    return F.pad(ssim, (pad, pad, pad, pad), mode="replicate")
 
 
 def reduce_map(score_map: torch.Tensor, reduction: str = "mean", topk_fraction: float = 0.05) -> torch.Tensor:

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 from scripts.losses import HALF_LOG_2PI, AEFlowLoss, flow_nll
-from scripts.scores import AnomalyScorer, flow_score_map, reduce_map, ssim_map
+from scripts.scores import AnomalyScorer, flow_score_map, reduce_map
+from scripts.ssim import ssim_map
 
 
 def test_flow_nll_normalisations_by_hand():
@@ -35,6 +36,26 @@ def test_ssim_loss_option_is_zero_for_identical_images():
     image = torch.rand(2, 1, 32, 32)
     parts = AEFlowLoss(alpha=0.0, recon_loss="ssim")(torch.zeros(2, 4, 2, 2), torch.zeros(2), image, image)
     assert abs(float(parts["loss"])) < 1e-5
+
+
+@pytest.mark.parametrize("channels,data_range", [(1, 1.0), (3, 255.0)])
+def test_ssim_loss_equals_monais_ssim_loss(channels, data_range):
+    """The separable-window loss is MONAI's SSIMLoss, computed about 5x cheaper."""
+    from monai.losses import SSIMLoss
+
+    torch.manual_seed(1)
+    target = torch.rand(3, channels, 48, 48) * data_range
+    recon = (target + torch.randn_like(target) * 0.2 * data_range).clamp(0, data_range)
+    ours_input, reference_input = recon.clone().requires_grad_(True), recon.clone().requires_grad_(True)
+    loss = AEFlowLoss(alpha=0.5, recon_loss="ssim", data_range=data_range)
+    ours = loss(torch.zeros(3, 4, 2, 2), torch.zeros(3), ours_input, target)
+    reference = SSIMLoss(spatial_dims=2, data_range=data_range, win_size=11)(reference_input, target)
+    torch.testing.assert_close(ours["loss_recon"], reference, atol=1e-6, rtol=1e-5)
+    assert float(reference) > 0.05  # noisy reconstructions: a loss that ignored its input would fail the comparison
+    (2 * ours["loss"]).backward()  # (1 - alpha) = 0.5: the reconstruction part's gradient, with its own backward
+    reference.backward()
+    scale = reference_input.grad.abs().max()
+    torch.testing.assert_close(ours_input.grad / scale, reference_input.grad / scale, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("name,value", [("alpha", -0.1), ("alpha", 1.5)])
