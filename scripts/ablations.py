@@ -112,13 +112,19 @@ def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
     return metrics
 
 
+def kept_validation(workdir: Path) -> dict:
+    """The validation metrics of the epoch kept in ``model.pt`` (older runs: the last epoch's, which may differ)."""
+    kept = Path(workdir) / "eval" / "val_kept_metrics.json"
+    return json.loads((kept if kept.is_file() else kept.with_name("val_metrics.json")).read_text())
+
+
 def record(workdir: Path, output: Path, data: str, command: str, purpose: str = "") -> dict:
     """One committed result file from a setting's folder: what ran, on what, both protocols' metrics, and the md5
     of the model that produced them (so a shipped copy can be traced to its numbers)."""
     workdir = Path(workdir)
     settings = json.loads((workdir / "settings.json").read_text())
     test = json.loads((workdir / "eval" / "test_metrics.json").read_text())
-    validation = json.loads((workdir / "eval" / "val_metrics.json").read_text())
+    validation = kept_validation(workdir)
     result = {
         "data": data,
         "command": command,
@@ -126,6 +132,7 @@ def record(workdir: Path, output: Path, data: str, command: str, purpose: str = 
         "wall_time_s": settings.pop("wall_time_s"),
         "settings": settings,
         "validation": validation["paper_protocol"],
+        "kept_epoch": validation.get("epoch"),
         "scorer": test["scorer"],
         "test": {key: test[key] for key in PROTOCOLS if key in test},
         "model_md5": hashlib.md5((workdir / "models" / "model.pt").read_bytes()).hexdigest(),
@@ -183,9 +190,10 @@ def _mean_std(values: list[float]) -> dict:
 
 def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
     """Mean and std over seeds of the kept model's validation AUC (what chose it) and of its test AUC."""
-    validation = [json.loads((workdirs[s] / "eval" / "val_metrics.json").read_text()) for s in runs]
+    validation = [kept_validation(workdirs[s]) for s in runs]
     return {
         "seeds": list(runs),
+        "kept_epochs": [v.get("epoch") for v in validation],
         "validation_auc": _mean_std([v["paper_protocol"]["auc"] for v in validation]),
         "test_auc": _mean_std([r["paper_protocol"]["auc"] for r in runs.values()]),
         "wall_time_s": _mean_std([r["wall_time_s"] for r in runs.values()]),

@@ -54,7 +54,9 @@ class AnomalyMetricsHandler:
     saved on this epoch's metric carries all of them.
     Without ``calibrate``, a stored threshold is applied unchanged (``deployment_protocol`` in the metrics JSON).
     With ``output_dir`` it also writes ``<prefix>metrics.json``, ``<prefix>scores.csv`` and, with ``plots``,
-    the ROC curve, the score distributions and original / reconstruction / residual panels.
+    the ROC curve, the score distributions and original / reconstruction / residual panels; with ``calibrate``,
+    ``<prefix>kept_metrics.json`` holds the epoch and metrics of the best AUC so far, the model the checkpoint
+    saver keeps (``<prefix>metrics.json`` is the latest epoch's).
     Attach it before ``CheckpointSaver`` so the saver sees this epoch's metric. ``distributed=True`` (evaluation
     sharded by a ``DistributedSampler``) gathers every process's records first; process 0 writes the outputs.
     """
@@ -82,6 +84,7 @@ class AnomalyMetricsHandler:
         self.seed = seed
         self.records: dict[str, list] = {}
         self.panels: list[dict] = []
+        self.kept_auc = -np.inf  # the best validation AUC so far: the epoch the checkpoint saver keeps
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
@@ -172,6 +175,10 @@ class AnomalyMetricsHandler:
         logger.info("%s", ", ".join(f"{self.prefix}{k}: {metrics[k]:.4f}" for k in METRICS if k in metrics))
         if self.output_dir and writer:
             self._write(labels, scores, terms, metrics)
+            if self.calibrate and metrics.get("auc", -np.inf) > self.kept_auc:  # strictly better, as the saver
+                self.kept_auc = metrics["auc"]
+                kept = {"epoch": engine.state.epoch, "paper_protocol": metrics, "scorer": self.scorer_description()}
+                reports.write_json(os.path.join(self.output_dir, f"{self.prefix}kept_metrics.json"), kept)
         return metrics
 
     def _write(self, labels, scores, terms, metrics) -> None:

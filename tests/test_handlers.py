@@ -65,6 +65,22 @@ def test_fixed_beta_is_left_alone():
     assert network.scorer.beta == 0.9
 
 
+def test_kept_metrics_follow_the_best_validation_epoch(tmp_path):
+    """``val_metrics.json`` is the latest epoch's; ``val_kept_metrics.json`` the best one's, as the saver keeps."""
+    network = nn.Module()
+    network.scorer = AnomalyScorer(beta=1.0, beta_selection="fixed")
+    handler = AnomalyMetricsHandler(network, calibrate=True, output_dir=str(tmp_path))
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    rng = np.random.default_rng(3)
+    noise = rng.normal(size=20)
+    for epoch, separation in ((1, 1.0), (2, 0.2), (3, 3.0), (4, 1.0)):
+        _records(handler, labels, noise + separation * labels, np.zeros(20) + rng.normal(size=20) * 1e-3)
+        handler.complete(SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=epoch)))
+    latest = json.loads((tmp_path / "val_metrics.json").read_text())
+    kept = json.loads((tmp_path / "val_kept_metrics.json").read_text())
+    assert kept["epoch"] == 3 and kept["paper_protocol"]["auc"] > latest["paper_protocol"]["auc"]
+
+
 def _train_with_validation_aucs(aucs, patience, interval=1):
     """A trainer whose validation after epoch k reports ``aucs[k - 1]``; returns the epochs it ran."""
     from ignite.engine import Engine, Events
