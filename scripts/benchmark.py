@@ -3,10 +3,13 @@ versus from cached features, the one-off encoding rate, inference images/s (floa
 and peak resident memory, for each encoder at the paper's 256 x 256, on the same images.
 
     python -m scripts.benchmark --encoders efficientnet-lite0 wide_resnet50_2 --output docs/benchmarks
+    python -m scripts.benchmark --folder ../shared/data/chest_xray_kermany/test/NORMAL --model-dir models/chest_xray
 
 Each encoder is measured in its own process so that its peak memory is its own. Speed does not depend on the
 weights' values, so Wide-ResNet-50-2 is timed with random weights when its ImageNet file is not available (said
-in the output). Writes ``<output>/<machine>.json`` and the table in ``<output>.md``.
+in the output). Writes ``<output>/<machine>.json`` and the table in ``<output>.md``. ``--folder`` times the
+inference workflow end to end on a folder at several batch sizes and worker counts
+(``<output>/<machine>_folder_inference.json``). Both warn when the machine's load average says it is busy.
 """
 
 from __future__ import annotations
@@ -109,6 +112,54 @@ def measure(encoder: str, image_size: int, batch_size: int, repeats: int, device
     return result
 
 
+def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int]], output: Path) -> list[dict]:
+    """What users run: ``configs/inference.json`` on a folder (decode, preprocessing, network, score, writing maps
+    and masks), timed from the first batch to the last output, once per (batch_size, num_workers); imports and
+    model loading are left out and reported apart. The scores of every setting are compared with the first's."""
+    import csv
+
+    from monai.bundle import ConfigWorkflow
+
+    root = Path(__file__).resolve().parents[1]
+    rows, reference = [], None
+    for batch_size, workers in settings:
+        out = output / f"batch{batch_size}_workers{workers}"
+        started = time.perf_counter()
+        workflow = ConfigWorkflow(
+            config_file=str(root / "configs" / "inference.json"),
+            meta_file=str(root / "configs" / "metadata.json"),
+            logging_file=str(root / "configs" / "logging.conf"),
+            workflow_type="infer",
+            bundle_root=str(root),
+            ckpt_dir=model_dir,
+            dataset_dir=folder,
+            output_dir=f"$'{out}'",
+            batch_size=batch_size,
+            num_workers=workers,
+        )
+        workflow.initialize()
+        loaded = time.perf_counter()
+        workflow.run()
+        finished = time.perf_counter()
+        workflow.finalize()
+        with open(out / "scores.csv") as f:
+            scores = {r["name"]: float(r["score"]) for r in csv.DictReader(f)}
+        reference = reference or scores
+        rows.append(
+            {
+                "batch_size": batch_size,
+                "num_workers": workers,
+                "images": len(scores),
+                "setup_s": round(loaded - started, 1),
+                "run_s": round(finished - loaded, 1),
+                "images_per_s": len(scores) / (finished - loaded),
+                "max_score_difference": max(abs(scores[k] - reference[k]) for k in reference),
+            }
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def _table(report: dict) -> str:
     lines = [
         f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, "
@@ -138,10 +189,36 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="docs/benchmarks")
     parser.add_argument("--machine-name", default=platform.node() or "machine")
+    parser.add_argument("--folder", help="time configs/inference.json end to end on this folder of images instead")
+    parser.add_argument("--model-dir", default="models/chest_xray", help="--folder: the folder of model.pt")
+    parser.add_argument(
+        "--settings", nargs="+", default=["1x0", "16x0", "16x2"], help="--folder: BATCHxWORKERS settings to time"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one encoder, print JSON
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(measure(args.one, args.image_size, args.batch_size, args.repeats, args.device)))
+        return
+    load = os.getloadavg()[0]
+    if load > 0.5 * (os.cpu_count() or 1):
+        print(
+            f"warning: the 1-minute load average is {load:.1f} on {os.cpu_count()} cores: rates will be low",
+            file=sys.stderr,
+        )
+    if args.folder:
+        settings = [tuple(int(v) for v in setting.split("x")) for setting in args.settings]
+        report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_1min": load, "folder": args.folder}
+        report["model_dir"] = args.model_dir
+        report["results"] = folder_inference(args.model_dir, args.folder, settings, Path("eval") / "benchmark")
+        from .reports import write_json
+
+        write_json(Path(args.output) / f"{args.machine_name}_folder_inference.json", report)
+        for row in report["results"]:
+            print(
+                f"batch {row['batch_size']:>3}, workers {row['num_workers']}: {row['images_per_s']:.1f} images/s "
+                f"({row['images']} images in {row['run_s']} s; setup {row['setup_s']} s; "
+                f"max score difference {row['max_score_difference']:.1e})"
+            )
         return
     results = []
     for encoder in args.encoders:

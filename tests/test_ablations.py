@@ -76,3 +76,21 @@ def test_feature_screen_chooses_on_validation(bundle_root, tiny_dataset, tmp_pat
         assert row["validation_auc"]["mean"] == pytest.approx(
             sum(run["validation_auc"] for run in row["runs"].values()) / 2
         )
+
+
+def test_seed_summary_reports_the_kept_epochs_validation(tmp_path):
+    """Mean and std over seeds use the kept epoch's validation AUC (val_kept_metrics.json), not the last epoch's."""
+    runs, workdirs = {}, {}
+    for seed, (kept, last, test) in {0: (0.90, 0.85, 0.80), 1: (0.94, 0.93, 0.84)}.items():
+        workdirs[seed] = tmp_path / f"seed_{seed}"
+        (workdirs[seed] / "eval").mkdir(parents=True)
+        kept_record = {"epoch": 3 + seed, "paper_protocol": {"auc": kept}}
+        (workdirs[seed] / "eval" / "val_kept_metrics.json").write_text(json.dumps(kept_record))
+        (workdirs[seed] / "eval" / "val_metrics.json").write_text(json.dumps({"paper_protocol": {"auc": last}}))
+        runs[seed] = {"paper_protocol": {"auc": test}, "wall_time_s": 10.0 * (seed + 1)}
+    summary = ablations.seed_summary(runs, workdirs)
+    assert summary["kept_epochs"] == [3, 4]
+    assert summary["validation_auc"]["mean"] == pytest.approx(0.92) and summary["validation_auc"][
+        "std"
+    ] == pytest.approx(0.02)
+    assert summary["test_auc"]["values"] == [0.80, 0.84] and summary["wall_time_s"]["mean"] == pytest.approx(15.0)
