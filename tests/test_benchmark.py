@@ -1,0 +1,24 @@
+"""The benchmark measures every rate it reports (a tiny size here: rates only, nothing asserted about speed) and
+writes the machine's JSON and its section of the table."""
+
+from __future__ import annotations
+
+import json
+
+from scripts import benchmark
+
+
+def test_measure_and_report(tmp_path):
+    result = benchmark.measure("efficientnet-lite0", image_size=64, batch_size=2, repeats=1, device="cpu")
+    rates = [key for key in result if key.endswith("_images_per_s")]
+    assert {"train_cached_images_per_s", "train_cached_ssim_images_per_s", "inference_images_per_s"} <= set(rates)
+    assert all(result[key] > 0 for key in rates)
+    report = {"machine": benchmark.machine(), "date": "2026-12-01", "device": "cpu", "results": [result]}
+    benchmark.write_report(report, tmp_path / "benchmarks", "test-machine")
+    assert json.loads((tmp_path / "benchmarks" / "test-machine.json").read_text())["results"][0]["encoder"] == (
+        "efficientnet-lite0"
+    )
+    table = (tmp_path / "benchmarks.md").read_text()
+    assert "## test-machine (cpu)" in table and "SSIM loss" in table and "| efficientnet-lite0 | imagenet |" in table
+    benchmark.write_report(report, tmp_path / "benchmarks", "test-machine")  # a rerun replaces its section
+    assert (tmp_path / "benchmarks.md").read_text().count("## test-machine (cpu)") == 1
