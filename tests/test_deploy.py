@@ -196,12 +196,15 @@ def test_2d_png_and_jpeg_score_in_inference_exactly_as_in_evaluation(image_bundl
         batch_size=1,
         encode_batch_size=1,
     )
-    _infer(bundle, folder, tmp_path / "infer")
+    _infer(bundle, folder, tmp_path / "infer", batch_size=1)
+    _infer(bundle, folder, tmp_path / "infer_batched")  # the default: 2D inputs in batches of 16
     evaluated = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "eval" / "test_scores.csv")}
     inferred = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "infer" / "scores.csv")}
-    assert sorted(evaluated) == sorted(inferred) == sorted(str(p) for p in images)
+    batched = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "infer_batched" / "scores.csv")}
+    assert sorted(evaluated) == sorted(inferred) == sorted(batched) == sorted(str(p) for p in images)
     for name, score in evaluated.items():
         assert inferred[name] == pytest.approx(score, abs=1e-5), name
+        assert batched[name] == pytest.approx(score, abs=1e-4), name  # float32 rounding of other batch sizes
     threshold = json.loads((tmp_path / "eval" / "test_metrics.json").read_text())["deployment_protocol"]["threshold"]
     for image in images:
         report = json.loads((tmp_path / "infer" / f"{image.stem}_scores.json").read_text())
