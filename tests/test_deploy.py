@@ -196,8 +196,8 @@ def test_2d_png_and_jpeg_score_in_inference_exactly_as_in_evaluation(image_bundl
         batch_size=1,
         encode_batch_size=1,
     )
-    _infer(bundle, folder, tmp_path / "infer", batch_size=1)
-    _infer(bundle, folder, tmp_path / "infer_batched")  # the default: 2D inputs in batches of 16
+    _infer(bundle, folder, tmp_path / "infer")
+    _infer(bundle, folder, tmp_path / "infer_batched", batch_size=16)  # measured slower on the 2-core CPU, allowed
     evaluated = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "eval" / "test_scores.csv")}
     inferred = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "infer" / "scores.csv")}
     batched = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "infer_batched" / "scores.csv")}
