@@ -7,6 +7,10 @@ so that the frozen encoder's features are computed once and shared by every sett
 not a training one: each trained alpha is re-scored at every beta from its test score terms, so the grid costs
 one training per alpha.
 
+``compare --seeds`` trains every variant once per seed and reports mean and std of the kept model's validation
+AUC and of its test AUC. ``features`` screens encoders cheaply: the flow alone on each encoder's cached features,
+once per seed, chosen on validation (the test AUC is reported beside it, never used).
+
 ``scoring`` re-scores one trained model with every S_flow form x map reduction (the open points of equation (2)),
 each calibrated on the validation split, so that the scoring design is chosen on validation data, not on test.
 
