@@ -92,21 +92,14 @@ def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -
 
 def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
     """Train then evaluate one setting; returns its test metrics JSON with the wall time added."""
-    from monai.bundle import ConfigWorkflow
+    from .engines import bundle_workflow
 
     root = Path(configs[0]).resolve().parents[1]
     paths = {"ckpt_dir": _expression(workdir / "models"), "output_dir": _expression(workdir / "eval")}
     settings = {"configs": list(configs), "overrides": overrides, **resolved_settings(configs, overrides)}
     started = time.time()
-    for extra, kind in (([], "train"), (["configs/evaluate.json"], "train")):
-        workflow = ConfigWorkflow(
-            config_file=[*configs, *[str(root / name) for name in extra]],
-            meta_file=str(root / "configs" / "metadata.json"),
-            logging_file=str(root / "configs" / "logging.conf"),
-            workflow_type=kind,
-            **{"bundle_root": str(root), **overrides, **paths},
-        )
-        workflow.initialize()
+    for extra in ([], ["configs/evaluate.json"]):
+        workflow = bundle_workflow(root, [*configs, *[root / name for name in extra]], "train", **overrides, **paths)
         workflow.run()
         workflow.finalize()
     metrics = json.loads((workdir / "eval" / "test_metrics.json").read_text())

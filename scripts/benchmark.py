@@ -119,26 +119,23 @@ def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int]
     model loading are left out and reported apart. The scores of every setting are compared with the first's."""
     import csv
 
-    from monai.bundle import ConfigWorkflow
+    from .engines import bundle_workflow
 
     root = Path(__file__).resolve().parents[1]
     rows, reference = [], None
     for batch_size, workers in settings:
         out = output / f"batch{batch_size}_workers{workers}"
         started = time.perf_counter()
-        workflow = ConfigWorkflow(
-            config_file=str(root / "configs" / "inference.json"),
-            meta_file=str(root / "configs" / "metadata.json"),
-            logging_file=str(root / "configs" / "logging.conf"),
-            workflow_type="infer",
-            bundle_root=str(root),
+        workflow = bundle_workflow(
+            root,
+            [root / "configs" / "inference.json"],
+            "infer",
             ckpt_dir=model_dir,
             dataset_dir=folder,
             output_dir=f"$'{out}'",
             batch_size=batch_size,
             num_workers=workers,
         )
-        workflow.initialize()
         loaded = time.perf_counter()
         workflow.run()
         finished = time.perf_counter()

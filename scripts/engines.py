@@ -12,6 +12,7 @@ import gc
 import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from monai.data import MetaTensor
@@ -38,6 +39,23 @@ def freeze_heap_before_exit() -> None:
     main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
     if getattr(main_spec, "name", None) == "monai.bundle.__main__":
         gc.freeze()
+
+
+def bundle_workflow(bundle_root: str | Path, config_files: list[str], workflow_type: str, **overrides):
+    """One of the bundle's workflows run in this process, as ``python -m monai.bundle run`` would run it: the given
+    config files with the bundle's metadata and logging config; returns it initialised."""
+    from monai.bundle import ConfigWorkflow
+
+    root = Path(bundle_root)
+    workflow = ConfigWorkflow(
+        config_file=[str(name) for name in config_files],
+        meta_file=str(root / "configs" / "metadata.json"),
+        logging_file=str(root / "configs" / "logging.conf"),
+        workflow_type=workflow_type,
+        **{"bundle_root": str(root), **overrides},
+    )
+    workflow.initialize()
+    return workflow
 
 
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
