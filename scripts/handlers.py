@@ -319,7 +319,7 @@ class EarlyStopOnValidation:
         min_delta: float = 0.0,
     ):
         if patience is not None and int(patience) < 0:
-            raise ValueError(f"early_stop_patience must be a positive number of validations or null, got {patience}.")
+            raise ValueError(f"early_stop_patience must be a number of validations (0 or null: off), got {patience}.")
         self.validator = validator
         self.patience = int(patience or 0)
         self.metric_name = metric_name
