@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import inspect
 import json
 import os
 import sys
@@ -37,10 +38,14 @@ class ModelMismatchError(ValueError):
     """A model file that does not describe the network or the settings it is asked to serve."""
 
 
-def describe(settings: Mapping, input_spec: Mapping) -> dict:
+DEFAULT_METHOD = "ae-flow"  # files written before comparison methods existed hold AE-FLOW
+
+
+def describe(settings: Mapping, input_spec: Mapping, method: str = DEFAULT_METHOD) -> dict:
     return {
         "format": MODEL_FORMAT,
         "version": FORMAT_VERSION,
+        "method": method,
         "network": json.loads(json.dumps(dict(settings))),
         "input_spec": json.loads(json.dumps(dict(input_spec))),
     }
@@ -96,6 +101,21 @@ def check_format(saved, source: str = "the model file") -> dict:
     return dict(saved)
 
 
+def check_description(state, method: str, settings: Mapping, input_spec: Mapping, defaults: Mapping) -> None:
+    """A network's check of the description it is loaded with (its ``set_extra_state``): the same method, and every
+    setting the same; a setting missing from the file (added to the bundle after the file was written) has its
+    default there."""
+    saved = check_format(state)
+    if saved.get("method", DEFAULT_METHOD) != method:
+        raise ModelMismatchError(
+            f"the model file holds a {saved.get('method', DEFAULT_METHOD)} model, this network is {method}"
+        )
+    saved["network"] = {**defaults, **saved.get("network", {})}
+    mismatch = differences(saved, {**settings, "input_spec": input_spec})
+    if mismatch:
+        raise ModelMismatchError("the model file was made for another network: " + "; ".join(mismatch))
+
+
 def old_file_message(path) -> str:
     return (
         f"{path} was saved before model files described themselves (bundle < 0.5.0): it has weights but no record "
@@ -117,23 +137,29 @@ def read_description(path: str | os.PathLike) -> dict:
 
 
 def network_from_file(path: str | os.PathLike, expect: Mapping | None = None, map_location=None):
-    """The AE-FLOW network a model file describes, with its weights and calibration loaded (verified).
+    """The network a model file describes (AE-FLOW or a comparison method of ``scripts.baselines``), with its
+    weights and calibration loaded (verified).
 
     ``expect`` holds settings the caller insists on; each one that is not ``None`` must equal the file's.
     """
+    from .baselines import method_class
     from .checkpoints import load_network
     from .encoders import MODEL_FILE_WEIGHTS
-    from .networks import AEFlow
 
     description = read_description(path)
-    mismatch = differences(description, dict(expect or {}))
+    network_class = method_class(description.get("method", DEFAULT_METHOD))
+    # a setting this file's method does not have (an AE-FLOW key, asked of a PatchCore file) is not compared
+    known = {*inspect.signature(network_class).parameters, *description["network"], "input_spec"}
+    mismatch = differences(description, {k: v for k, v in dict(expect or {}).items() if k in known})
     if mismatch:
         raise ModelMismatchError(
             f"{path} does not fit this run: " + "; ".join(mismatch) + ". Leave these settings out to use the "
             "model's own (evaluation and inference take them from the model file), or retrain."
         )
-    settings = {**description["network"], "encoder_weights": MODEL_FILE_WEIGHTS}
-    network = AEFlow(**settings, input_spec=description["input_spec"])
+    settings = dict(description["network"])
+    if "encoder_weights" in settings:
+        settings["encoder_weights"] = MODEL_FILE_WEIGHTS
+    network = network_class(**settings, input_spec=description["input_spec"])
     return load_network(network, path, map_location=map_location)
 
 

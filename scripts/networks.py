@@ -24,7 +24,7 @@ from torch import nn
 from .decoder import Decoder
 from .encoders import STRIDE, build_encoder
 from .flow import build_flow
-from .model_file import ModelMismatchError, check_format, describe, differences, encode
+from .model_file import check_description, describe, encode
 from .preprocessing import resolve_spec
 from .scores import AnomalyScorer
 
@@ -40,7 +40,7 @@ class FlowOutput(NamedTuple):
     reconstruction: torch.Tensor
 
 
-def _image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
+def checked_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     size = (int(image_size), int(image_size)) if isinstance(image_size, (int, float)) else tuple(image_size)
     if len(size) != 2 or any(s <= 0 or s % STRIDE for s in size):
         raise ValueError(
@@ -52,6 +52,8 @@ def _image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 class AEFlow(nn.Module):
     """The three replaceable parts plus the scorer of equation (2); only ``flow`` and ``decoder`` train."""
+
+    method = "ae-flow"
 
     def __init__(
         self,
@@ -81,7 +83,7 @@ class AEFlow(nn.Module):
         self.settings = {
             "encoder": encoder,
             "encoder_weights": str(encoder_weights),
-            "image_size": list(_image_size(image_size)),
+            "image_size": list(checked_image_size(image_size)),
             "in_channels": in_channels,
             "subnet": subnet,
             "flow_blocks": flow_blocks,
@@ -103,7 +105,7 @@ class AEFlow(nn.Module):
         self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
         if in_channels not in (1, 3):
             raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
-        self.image_size = _image_size(image_size)
+        self.image_size = checked_image_size(image_size)
         self.in_channels = in_channels
         self.encoder = build_encoder(encoder, encoder_weights)
         feature_size = (self.image_size[0] // STRIDE, self.image_size[1] // STRIDE)
@@ -139,17 +141,12 @@ class AEFlow(nn.Module):
 
     def get_extra_state(self) -> torch.Tensor:
         """What this network is, saved with its weights (``scripts.model_file``: JSON text as a uint8 tensor)."""
-        return encode(describe(self.settings, self.input_spec))
+        return encode(describe(self.settings, self.input_spec, self.method))
 
     def set_extra_state(self, state) -> None:
         """Refuse a model file made for another network, naming every setting that differs."""
-        saved = check_format(state)
-        # a setting added after the file was written: the file's model has that setting's default
         defaults = {k: p.default for k, p in inspect.signature(AEFlow).parameters.items() if k in self.settings}
-        saved["network"] = {**defaults, **saved.get("network", {})}
-        mismatch = differences(saved, {**self.settings, "input_spec": self.input_spec})
-        if mismatch:
-            raise ModelMismatchError("the model file was made for another network: " + "; ".join(mismatch))
+        check_description(state, self.method, self.settings, self.input_spec, defaults)
 
     def trainable_parameters(self):
         """The paper optimises the flow and the decoder only (section 3.2)."""
