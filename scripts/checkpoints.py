@@ -97,7 +97,12 @@ def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.Pa
     found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor) and k not in described}
     if len(found) != len(state) - len(described) or not found:
         raise CheckpointError(f"Checkpoint {path} is not a network state dict (it has non-tensor entries or none).")
-    differing = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+    variable = tuple(getattr(network, "variable_shape_entries", ()))  # e.g. a memory bank, sized by its data
+    differing = sorted(
+        k
+        for k in expected.keys() | found.keys()
+        if expected.get(k) != found.get(k) and not (k in expected and k in found and k.endswith(variable or "\0"))
+    )
     if not differing:
         return
     parts = sorted({k.split(".")[0] for k in differing})

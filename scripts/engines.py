@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 from monai.data import MetaTensor
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 from monai.engines.utils import IterationEvents
@@ -148,6 +149,72 @@ class AEFlowTrainer(SupervisedTrainer):
         else:
             engine.optimizer.step()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+
+class BaselineTrainer(AEFlowTrainer):
+    """Trains a comparison method (``scripts.baselines``) with the same handlers, checkpoints and non-finite policy
+    as AE-FLOW; the network says what to optimise.
+
+    Per iteration: ``d_steps`` updates of ``d_optimizer`` on ``network.discriminator_losses`` (adversarial
+    methods), then one update of ``optimizer`` on ``network.training_losses`` (None: nothing to optimise, e.g.
+    PatchCore collecting its memory bank). ``network.epoch_completed`` runs at the last iteration of each epoch,
+    before validation; ``network.pretrain(trainer)`` runs once when training starts (after a resume is loaded).
+    """
+
+    def __init__(self, *args, d_optimizer=None, d_steps: int = 1, **kwargs):
+        kwargs.setdefault("loss_function", None)
+        super().__init__(*args, **kwargs)
+        self.d_optimizer = d_optimizer
+        self.d_steps = int(d_steps)
+        if hasattr(_unwrap(self.network), "pretrain"):
+            self.add_event_handler(Events.STARTED, self._pretrain)
+
+    def _pretrain(self, engine) -> None:
+        _unwrap(engine.network).pretrain(engine)
+
+    def _step(self, engine, parts: dict, optimizer, what: str) -> bool:
+        """One optimiser step on ``parts["loss"]``; False when the non-finite policy skipped it."""
+        loss = parts["loss"]
+        if not torch.isfinite(loss) and self._nonfinite(engine, f"{what} loss"):
+            return False
+        loss.backward()
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        max_norm = self.grad_clip_norm if self.grad_clip_norm else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if not torch.isfinite(grad_norm) and self._nonfinite(engine, f"{what} gradient"):
+            optimizer.zero_grad(set_to_none=True)
+            return False
+        optimizer.step()
+        return True
+
+    def _iteration(self, engine, batchdata: dict) -> dict:
+        images, features = _batch_tensors(engine, batchdata, self.image_key, self.features_key)
+        network = _unwrap(engine.network)
+        engine.network.train()
+        output = {"image": images}
+        if self.d_optimizer is not None and hasattr(network, "discriminator_losses"):
+            for _ in range(self.d_steps):
+                self.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+                parts = network.discriminator_losses(images, features)
+                if parts is None:
+                    break
+                self._step(engine, parts, self.d_optimizer, "discriminator")
+                output.update({f"d_{k}": v.detach() for k, v in parts.items()})
+        if engine.optimizer is not None:
+            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        parts = network.training_losses(images, features)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        if parts is not None:
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            self._step(engine, parts, engine.optimizer, "training")
+            output.update({k: v.detach() for k, v in parts.items()})
+        for key in ("loss", "loss_flow", "loss_recon"):  # the keys train.json's StatsHandler and MLflow log
+            output.setdefault(key, images.new_zeros(()))
+        if engine.state.iteration % engine.state.epoch_length == 0 and hasattr(network, "epoch_completed"):
+            network.epoch_completed()
+        engine.state.output = output
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # MONAI decollates the output here
         return engine.state.output
 
 

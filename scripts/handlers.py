@@ -201,7 +201,8 @@ class AnomalyMetricsHandler:
             summary["validation_protocol"] = validation_protocol(labels, scores, self.protocol_folds, seed=self.seed)
         reports.write_json(os.path.join(out, f"{self.prefix}metrics.json"), summary)
         if self.plots and both_classes:
-            curves = {"AE-FLOW score": scores, "S_flow": terms["flow"].numpy(), "S_recon": terms["recon"].numpy()}
+            method = getattr(self.network.module if hasattr(self.network, "module") else self.network, "method", "")
+            curves = {f"{method} score": scores, "S_flow": terms["flow"].numpy(), "S_recon": terms["recon"].numpy()}
             reports.plot_roc(os.path.join(out, f"{self.prefix}roc.png"), labels, curves)
             reports.plot_score_distributions(
                 os.path.join(out, f"{self.prefix}score_distributions.png"), labels, scores, metrics.get("threshold")

@@ -1,0 +1,145 @@
+"""What a comparison method shares with AE-FLOW, so that everything downstream of the network serves it unchanged.
+
+A method's network has AE-FLOW's surface: ``settings`` and ``input_spec`` saved as its extra state with its method
+name (``scripts.model_file``), ``image_size`` and ``in_channels``, ``encode`` for the frozen encoder (so the feature
+cache serves it), ``score`` returning the same dict as ``AEFlow.score``, ``forward`` returning the anomaly map in
+eval mode, and an ``AnomalyScorer`` that validation calibrates (term statistics, threshold, mask threshold) and
+that travels in the model file. Evaluation, inference, MONAI Deploy and MONAI Label then score it as they score
+AE-FLOW, through ``AnomalyInferer``.
+
+The scorer's two slots keep their names in every file (``score_flow`` and ``score_recon`` columns): for a
+comparison method ``flow`` holds its feature- or latent-space term and ``recon`` its image-space term, and ``beta``
+(fixed) weights them as the method's paper does.
+
+Training goes through ``scripts.engines.BaselineTrainer``, which asks the network for its losses
+(``training_losses``; ``discriminator_losses`` for adversarial methods), calls ``epoch_completed`` at the end of
+each training epoch and ``pretrain`` once before the first.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model_file import check_description, describe, encode
+from ..networks import DEFAULT_INPUT_SPEC, checked_image_size
+from ..preprocessing import resolve_spec
+from ..scores import AnomalyScorer
+
+
+class ComparisonMethod(nn.Module):
+    """Base of the comparison methods: the model-file description, input checks and the score dict."""
+
+    method = ""
+    # buffers whose size the training data decides (a memory bank): loaded at the file's size, not checked
+    variable_shape_entries: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int] = 256,
+        in_channels: int = 1,
+        beta: float = 1.0,
+        score_normalization: str = "zscore",
+        mask_quantile: float = 0.999,
+        input_spec: dict | None = None,
+        **settings,
+    ):
+        super().__init__()
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
+        self.image_size = checked_image_size(image_size)
+        self.in_channels = in_channels
+        self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
+        self.settings = {
+            "image_size": list(self.image_size),
+            "in_channels": in_channels,
+            "beta": beta,
+            "score_normalization": score_normalization,
+            "mask_quantile": mask_quantile,
+            **settings,
+        }
+        self.scorer = AnomalyScorer(
+            beta=beta, normalization=score_normalization, beta_selection="fixed", mask_quantile=mask_quantile
+        )
+
+    def get_extra_state(self) -> torch.Tensor:
+        return encode(describe(self.settings, self.input_spec, self.method))
+
+    def set_extra_state(self, state) -> None:
+        signature = inspect.signature(type(self)).parameters
+        defaults = {k: p.default for k, p in signature.items() if k in self.settings}
+        check_description(state, self.method, self.settings, self.input_spec, defaults)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
+
+    def check_input(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != self.in_channels or tuple(image.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"{self.method} expects images of shape (B, {self.in_channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}), got {tuple(image.shape)}."
+            )
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.check_input(image)
+        return self.encoder(image)
+
+    def features_of(self, image: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        return self.encode(image) if features is None else features
+
+    def anomaly_terms(self, image: torch.Tensor, features: torch.Tensor | None):
+        """(term maps {"flow", "recon", "residual"} at image size, image-level terms {"flow", "recon"},
+        reconstruction or None)."""
+        raise NotImplementedError
+
+    def training_losses(self, image: torch.Tensor, features: torch.Tensor | None) -> dict | None:
+        """``{"loss": ..., other parts}`` for the optimiser, or None when the method learns nothing by gradient."""
+        raise NotImplementedError
+
+    def score(self, image: torch.Tensor, features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        self.check_input(image)
+        maps, terms, reconstruction = self.anomaly_terms(image, features)
+        result = {f"map_{name}": value for name, value in maps.items()}
+        result["anomaly_map"] = self.scorer.combine(maps)
+        result["score"] = self.scorer.combine(terms)
+        result["score_flow"], result["score_recon"] = terms["flow"], terms["recon"]
+        # no reconstruction (feature-space methods): the figures' reconstruction row stays blank
+        result["reconstruction"] = torch.full_like(image, float("nan")) if reconstruction is None else reconstruction
+        return result
+
+    def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.score(image, features)["anomaly_map"]
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for name in self.variable_shape_entries:
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved, device=getattr(self, name).device))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def image_maps(feature_map: torch.Tensor | None, image: torch.Tensor, residual: torch.Tensor | None = None) -> dict:
+    """Term maps at image size from a feature-space map (B, 1, h, w) and an image-space residual map (B, 1, H, W);
+    a missing term is zero."""
+    zeros = image.new_zeros(image.shape[0], 1, *image.shape[-2:])
+    flow = zeros if feature_map is None else F.interpolate(feature_map, size=image.shape[-2:], mode="bilinear")
+    recon = zeros if residual is None else residual
+    return {"flow": flow, "recon": recon, "residual": zeros if residual is None else residual}
+
+
+def constant_map(values: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """An image-level value as a map: what a method without localisation contributes to the pixel level."""
+    return values.view(-1, 1, 1, 1).expand(-1, 1, *image.shape[-2:])
+
+
+def resize(image: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:
+    """The image at another size: a GAN's own (area averaging down), or back to the input's (bilinear up)."""
+    size = (int(size), int(size)) if isinstance(size, int) else tuple(int(s) for s in size)
+    if tuple(image.shape[-2:]) == size:
+        return image
+    mode = "area" if image.shape[-1] > size[-1] else "bilinear"
+    return F.interpolate(image, size=size, mode=mode)

@@ -1,0 +1,127 @@
+"""The comparison methods (issue 17): each trains briefly on the tiny synthetic set through the bundle's own
+workflows and is evaluated by ``evaluate.json``; its model file says which method it holds, so the network rebuilt
+from the file scores the test images exactly as evaluation did. Bad settings are refused before training, naming
+the key; an unknown method lists the known ones."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from conftest import bundle_workflow, tiny_run_override
+from monai.utils import convert_to_tensor
+from scripts import ablations
+from scripts.baselines import METHODS, method_class
+from scripts.baselines.patchcore import greedy_coreset
+from scripts.model_file import ModelMismatchError, network_from_file, read_description
+
+# short budgets: one epoch each, the GAN phase of f-AnoGAN included
+FAST = {
+    "patchcore": {},
+    "differnet": {},
+    "ganomaly": {"gan_image_size": 32},
+    "f_anogan": {"gan_image_size": 32, "gan_epochs": 1},
+}
+METHOD_OF_CONFIG = {"patchcore": "patchcore", "differnet": "differnet", "ganomaly": "ganomaly", "f_anogan": "f-anogan"}
+
+
+@pytest.mark.parametrize("name", list(FAST))
+def test_method_trains_evaluates_and_its_model_file_scores_alike(name, bundle_root, tiny_dataset, tmp_path):
+    override = {**tiny_run_override(bundle_root, tiny_dataset, tmp_path), **FAST[name]}
+    configs = ["train.json", f"baseline_{name}.json"]
+    for extra in ([], ["evaluate.json"]):
+        workflow = bundle_workflow(bundle_root, configs + extra, "train", **override)
+        workflow.run()
+        workflow.finalize()
+    model_file = tmp_path / "models" / "model.pt"
+    method = METHOD_OF_CONFIG[name]
+    assert read_description(model_file)["method"] == method
+    network = network_from_file(model_file).eval()
+    assert type(network) is method_class(method)
+    assert torch.isfinite(network.scorer.threshold) and torch.isfinite(network.scorer.pixel_threshold)
+
+    with open(tmp_path / "eval" / "test_scores.csv") as f:
+        evaluated = {row["name"]: float(row["score"]) for row in csv.DictReader(f)}
+    assert len(evaluated) > 1 and len(set(evaluated.values())) > 1  # the scores tell images apart
+    loader = workflow.parser.get_parsed_content("validate#dataloader")
+    batch = next(iter(loader))
+    images = convert_to_tensor(batch["image"], track_meta=False)
+    with torch.no_grad():
+        rescored = network.score(images)["score"]
+    names = [f"{n}#slice={int(s)}" for n, s in zip(batch["image"].meta["filename_or_obj"], batch["slice"])]
+    expected = torch.tensor([evaluated[n] for n in names])
+    torch.testing.assert_close(rescored, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_patchcore_memory_bank_is_a_coreset_kept_in_the_model_file(bundle_root, tiny_dataset, tmp_path):
+    override = {**tiny_run_override(bundle_root, tiny_dataset, tmp_path), "coreset_ratio": 0.25}
+    workflow = bundle_workflow(bundle_root, ["train.json", "baseline_patchcore.json"], "train", **override)
+    workflow.run()
+    workflow.finalize()
+    trained = workflow.parser.get_parsed_content("network")
+    patches_per_image = (override["image_size"] // 16) ** 2
+    n_train = len(workflow.parser.get_parsed_content("train#dataset"))
+    assert len(trained.memory_bank) == round(0.25 * n_train * patches_per_image)
+    loaded = network_from_file(tmp_path / "models" / "model.pt")
+    torch.testing.assert_close(loaded.memory_bank, trained.memory_bank)
+
+
+def test_greedy_coreset_covers_every_cluster():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(50, 2, generator=generator) for c in centres])
+    chosen = greedy_coreset(points, 3, projection_dim=8)
+    assert sorted(int(i) // 50 for i in chosen) == [0, 1, 2]
+
+
+def test_unknown_method_lists_the_known_ones(bundle_root, tmp_path):
+    with pytest.raises(ValueError, match="known methods: ae-flow, patchcore"):
+        method_class("padim")
+    with pytest.raises(SystemExit):
+        ablations.main(["compare", "--output", str(tmp_path), "--methods", "patchcore", "padim"])
+    assert set(METHODS) <= set(ablations.METHOD_CONFIGS)
+    for files in ablations.METHOD_CONFIGS.values():
+        assert all((bundle_root / "configs" / file).is_file() for file in files)
+
+
+@pytest.mark.parametrize("name", ["ganomaly", "f_anogan"])
+def test_gan_size_the_generator_cannot_produce_is_refused_before_training(name, bundle_root, tiny_dataset, tmp_path):
+    override = {**tiny_run_override(bundle_root, tiny_dataset, tmp_path), "gan_image_size": 48}
+    with pytest.raises(RuntimeError) as refused:
+        bundle_workflow(bundle_root, ["train.json", f"baseline_{name}.json"], "train", **override)
+    assert "gan_image_size 48" in str(refused.value.__cause__ or refused.value)
+    assert not (tmp_path / "models").exists()
+
+
+def test_model_file_of_one_method_is_refused_by_another(tmp_path):
+    from scripts.baselines.differnet import DifferNet
+    from scripts.baselines.patchcore import PatchCore
+
+    path = tmp_path / "patchcore.pt"
+    torch.save(PatchCore(encoder_weights="none", image_size=64).state_dict(), path)
+    other = DifferNet(encoder_weights="none", image_size=64)
+    with pytest.raises(ModelMismatchError, match="holds a patchcore model, this network is differnet"):
+        other.set_extra_state(torch.load(path, weights_only=True)["_extra_state"])
+
+
+def test_compare_by_method_names_writes_one_table_and_roc_and_resumes(bundle_root, tiny_dataset, tmp_path):
+    from conftest import TINY_OVERRIDES
+
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
+    args = ["compare", "--configs", str(bundle_root / "configs" / "train.json"), "--output", str(tmp_path)]
+    args += ["--methods", "patchcore", "differnet", *[a for p in sets for a in ("--set", p)]]
+    ablations.main(args)
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert list(table) == ["patchcore", "differnet"]
+    markdown = (tmp_path / "comparison.md").read_text().splitlines()
+    assert markdown[0].startswith("| method | validation_auc | test_auc |") and len(markdown) == 4
+    assert f"{100 * table['differnet']['paper_protocol']['auc']:.2f}" in markdown[3]
+    assert (tmp_path / "comparison_roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    model = tmp_path / "patchcore" / "models" / "model.pt"
+    written = model.stat().st_mtime_ns
+    ablations.main(args)  # the same settings again: both variants are reused, nothing retrained
+    assert model.stat().st_mtime_ns == written
+    assert json.loads((tmp_path / "comparison.json").read_text()) == table
