@@ -75,6 +75,26 @@ RECORDED_KEYS = (
 )
 
 
+# the rows of the paper's table 1 and PatchCore: the config each adds to the bundle's (none for AE-FLOW itself)
+METHOD_CONFIGS = {
+    "ae-flow": [],
+    "autoencoder": ["baseline_autoencoder.json"],
+    "flow-only": ["baseline_flow_only.json"],
+    "f-anogan": ["baseline_f_anogan.json"],
+    "ganomaly": ["baseline_ganomaly.json"],
+    "differnet": ["baseline_differnet.json"],
+    "patchcore": ["baseline_patchcore.json"],
+}
+
+
+def method_variants(names: list[str], config_dir: Path) -> dict[str, list[str]]:
+    """``compare --methods``: each named method's extra configs, from the folder of the bundle's configs."""
+    unknown = [name for name in names if name not in METHOD_CONFIGS]
+    if unknown:
+        raise ValueError(f"Unknown method(s) {', '.join(unknown)}; known methods: {', '.join(METHOD_CONFIGS)}.")
+    return {name: [str(config_dir / file) for file in METHOD_CONFIGS[name]] for name in names}
+
+
 def _expression(path: Path) -> str:
     """A path as a config expression: MONAI appends to output_dir's raw value when it saves the run's config."""
     return f"$'{path}'"
@@ -198,20 +218,98 @@ def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
     }
 
 
-def compare(configs, overrides, output: Path, variants: dict[str, list[str]], seeds: list[int] | None = None) -> dict:
-    """Table 1's rows from the same parts: each variant adds its override config files. With ``seeds``, every
-    variant is trained once per seed (flow and decoder initialisation, data order) and summarised as mean and std."""
-    table = {}
-    for name, extra in variants.items():
-        folder = output / name.replace(" ", "_")
-        if not seeds:
-            table[name] = run_setting([*configs, *extra], overrides, folder)
+def finished_setting(configs: list[str], overrides: dict, workdir: Path) -> dict | None:
+    """The test metrics of a setting already run in ``workdir`` with the same configs and overrides, else None:
+    an interrupted comparison resumes at the first unfinished variant."""
+    try:
+        settings = json.loads((workdir / "settings.json").read_text())
+        metrics = json.loads((workdir / "eval" / "test_metrics.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if settings.get("configs") != list(configs) or settings.get("overrides") != overrides:
+        return None
+    return {**metrics, "wall_time_s": settings.get("wall_time_s"), "overrides": overrides}
+
+
+def run_or_reuse(configs: list[str], overrides: dict, workdir: Path) -> dict:
+    done = finished_setting(configs, overrides, workdir)
+    if done is not None:
+        logger.info("%s: finished before with the same settings, reused", workdir)
+        return done
+    return run_setting(configs, overrides, workdir)
+
+
+def comparison_rows(table: dict, folders: dict[str, Path]) -> list[dict]:
+    """One row per variant: the kept model's validation AUC and the test metrics of both protocols (%)."""
+    rows = []
+    for name, result in table.items():
+        if "test_auc" in result:  # a seed summary
+            rows.append(
+                {
+                    "method": name,
+                    "validation_auc": 100 * result["validation_auc"]["mean"],
+                    "test_auc": 100 * result["test_auc"]["mean"],
+                    "test_auc_std": 100 * result["test_auc"]["std"],
+                    "seeds": len(result["seeds"]),
+                    "wall_time_s": result["wall_time_s"]["mean"],
+                }
+            )
             continue
-        workdirs = {seed: folder / f"seed_{seed}" for seed in seeds}
-        runs = {seed: run_setting([*configs, *extra], {**overrides, "seed": seed}, workdirs[seed]) for seed in seeds}
-        table[name] = seed_summary(runs, workdirs)
-        reports.write_json(output / "comparison.json", table)  # a finished variant is kept if a later one fails
+        paper, deployment = result["paper_protocol"], result.get("deployment_protocol", {})
+        row = {"method": name, "validation_auc": 100 * kept_validation(folders[name])["paper_protocol"]["auc"]}
+        row.update({f"test_{k}": 100 * paper[k] for k in ("auc", "f1", "acc", "sen", "spe")})
+        row.update({f"deployment_{k}": 100 * deployment[k] for k in ("sen", "spe") if k in deployment})
+        row["wall_time_s"] = result["wall_time_s"]
+        rows.append(row)
+    return rows
+
+
+def comparison_markdown(rows: list[dict]) -> str:
+    columns = [c for c in rows[0] if c != "method"] if rows else []
+    for row in rows[1:]:
+        columns += [c for c in row if c not in columns and c != "method"]
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+    for row in rows:
+        cells = [f"{row[c]:.2f}" if isinstance(row.get(c), float) else str(row.get(c, "")) for c in columns]
+        lines.append(f"| {row['method']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_comparison(output: Path, table: dict, folders: dict[str, Path]) -> None:
+    """``comparison.json``, ``comparison.md`` and, for single runs, ``comparison_roc.png`` with every method."""
     reports.write_json(output / "comparison.json", table)
+    rows = comparison_rows(table, folders)
+    with reports.atomic_path(output / "comparison.md") as tmp:
+        Path(tmp).write_text(comparison_markdown(rows))
+    curves, labels = {}, None
+    for name, folder in folders.items():
+        scores_file = folder / "eval" / "test_scores.csv"
+        if name in table and scores_file.is_file():
+            with open(scores_file) as f:
+                scored = list(csv.DictReader(f))
+            labels = np.array([int(r["label"]) for r in scored])
+            curves[name] = np.array([float(r["score"]) for r in scored])
+    if curves and labels is not None and len(set(labels.tolist())) == 2:
+        reports.plot_roc(output / "comparison_roc.png", labels, curves, title="ROC, test split")
+
+
+def compare(configs, overrides, output: Path, variants: dict[str, list[str]], seeds: list[int] | None = None) -> dict:
+    """Table 1's rows: each variant adds its override config files (AE-FLOW's own parts for the autoencoder and
+    flow-only rows, ``configs/baseline_<name>.json`` for the comparison methods). With ``seeds``, every variant is
+    trained once per seed (initialisation, data order) and summarised as mean and std. The table is rewritten
+    after each variant, so a finished variant is kept if a later one fails; a rerun reuses finished variants."""
+    table, folders = {}, {}
+    for name, extra in variants.items():
+        folders[name] = folder = output / name.replace(" ", "_")
+        if not seeds:
+            table[name] = run_or_reuse([*configs, *extra], overrides, folder)
+        else:
+            workdirs = {seed: folder / f"seed_{seed}" for seed in seeds}
+            runs = {
+                seed: run_or_reuse([*configs, *extra], {**overrides, "seed": seed}, workdirs[seed]) for seed in seeds
+            }
+            table[name] = seed_summary(runs, workdirs)
+        write_comparison(output, table, folders)
     return table
 
 
@@ -401,6 +499,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--variant", action="append", metavar="NAME=CONFIG[,CONFIG]", help="compare: a named variant's extra configs"
     )
+    parser.add_argument(
+        "--methods", nargs="+", metavar="NAME", help=f"compare: methods by name ({', '.join(METHOD_CONFIGS)})"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", help="compare: train every variant once per seed")
     parser.add_argument(
         "--encoders", nargs="+", default=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
@@ -427,7 +528,12 @@ def main(argv: list[str] | None = None) -> None:
         subnet_loss(args.configs, overrides, output)
     else:
         variants = {}
-        for spec in args.variant or ["AE-FLOW="]:
+        if args.methods:
+            try:
+                variants.update(method_variants(args.methods, Path(args.configs[0]).parent))
+            except ValueError as error:
+                parser.error(str(error))
+        for spec in args.variant or ([] if args.methods else ["AE-FLOW="]):
             name, _, files = spec.partition("=")
             variants[name] = [f for f in files.split(",") if f]
         compare(args.configs, overrides, output, variants, args.seeds)
