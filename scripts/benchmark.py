@@ -9,7 +9,9 @@ Each encoder is measured in its own process so that its peak memory is its own. 
 weights' values, so Wide-ResNet-50-2 is timed with random weights when its ImageNet file is not available (said
 in the output). Writes ``<output>/<machine>.json`` and the table in ``<output>.md``. ``--folder`` times the
 inference workflow end to end on a folder at several batch sizes and worker counts
-(``<output>/<machine>_folder_inference.json``). Both warn when the machine's load average says it is busy.
+(``<output>/<machine>_folder_inference.json``), and with ``--peer-model-dir`` a second model (the patch
+nearest-neighbour peer, PatchCore) on the same folder in the same run. Both warn when the machine's load average
+says it is busy.
 """
 
 from __future__ import annotations
@@ -193,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--settings", nargs="+", default=["1x0", "16x0", "16x2"], help="--folder: BATCHxWORKERS settings to time"
     )
+    parser.add_argument(
+        "--peer-model-dir",
+        help="--folder: also time this model folder's model.pt at the first setting (the patch nearest-neighbour "
+        "peer: a PatchCore model from `scripts.ablations compare --methods patchcore`), and report the ratio",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one encoder, print JSON
     args = parser.parse_args(argv)
     if args.one:
@@ -209,6 +216,11 @@ def main(argv: list[str] | None = None) -> None:
         report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_1min": load, "folder": args.folder}
         report["model_dir"] = args.model_dir
         report["results"] = folder_inference(args.model_dir, args.folder, settings, Path("eval") / "benchmark")
+        if args.peer_model_dir:
+            report["peer_model_dir"] = args.peer_model_dir
+            peer = folder_inference(args.peer_model_dir, args.folder, settings[:1], Path("eval") / "benchmark_peer")
+            report["peer"] = peer[0]
+            report["ratio_to_peer"] = report["results"][0]["images_per_s"] / peer[0]["images_per_s"]
         from .reports import write_json
 
         write_json(Path(args.output) / f"{args.machine_name}_folder_inference.json", report)
@@ -217,6 +229,11 @@ def main(argv: list[str] | None = None) -> None:
                 f"batch {row['batch_size']:>3}, workers {row['num_workers']}: {row['images_per_s']:.1f} images/s "
                 f"({row['images']} images in {row['run_s']} s; setup {row['setup_s']} s; "
                 f"max score difference {row['max_score_difference']:.1e})"
+            )
+        if "peer" in report:
+            print(
+                f"peer {args.peer_model_dir}: {report['peer']['images_per_s']:.1f} images/s; this model is "
+                f"{report['ratio_to_peer']:.2f}x its rate"
             )
         return
     results = []
