@@ -160,11 +160,17 @@ class BaselineTrainer(AEFlowTrainer):
     methods), then one update of ``optimizer`` on ``network.training_losses`` (None: nothing to optimise, e.g.
     PatchCore collecting its memory bank). ``network.epoch_completed`` runs at the last iteration of each epoch,
     before validation; ``network.pretrain(trainer)`` runs once when training starts (after a resume is loaded).
+    It runs in float32 on one device: ``amp`` and ``multi_gpu_train.json`` are AE-FLOW's.
     """
 
     def __init__(self, *args, d_optimizer=None, d_steps: int = 1, **kwargs):
         kwargs.setdefault("loss_function", None)
         super().__init__(*args, **kwargs)
+        if hasattr(self.network, "module"):  # the network's own methods would bypass DDP's gradient averaging
+            raise ValueError(
+                "The comparison methods train on one device; multi_gpu_train.json serves AE-FLOW only. Train "
+                "this method with train.json and its configs/baseline_<name>.json."
+            )
         self.d_optimizer = d_optimizer
         self.d_steps = int(d_steps)
         if hasattr(_unwrap(self.network), "pretrain"):

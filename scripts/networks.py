@@ -50,7 +50,48 @@ def checked_image_size(image_size: int | Sequence[int]) -> tuple[int, int]:
     return size
 
 
-class AEFlow(nn.Module):
+class AnomalyNetwork(nn.Module):
+    """What every network of the bundle has (AE-FLOW and the comparison methods of ``scripts.baselines``), so that
+    the engines, evaluation, model files and deployment paths serve any of them: its ``method`` name, ``settings``
+    and ``input_spec`` saved as its extra state and checked on load, the input size and channels it takes, and the
+    frozen ``encoder`` (not trained, and what the feature cache runs)."""
+
+    method = ""
+
+    def _set_inputs(self, image_size: int | Sequence[int], in_channels: int, input_spec: dict | None) -> None:
+        if in_channels not in (1, 3):
+            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
+        self.image_size = checked_image_size(image_size)
+        self.in_channels = in_channels
+        self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
+
+    def get_extra_state(self) -> torch.Tensor:
+        """What this network is, saved with its weights (``scripts.model_file``: JSON text as a uint8 tensor)."""
+        return encode(describe(self.settings, self.input_spec, self.method))
+
+    def set_extra_state(self, state) -> None:
+        """Refuse a model file made for another network, naming every setting that differs."""
+        signature = inspect.signature(type(self)).parameters
+        defaults = {k: p.default for k, p in signature.items() if k in self.settings}
+        check_description(state, self.method, self.settings, self.input_spec, defaults)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Everything but the frozen encoder (for AE-FLOW: the flow and the decoder, paper section 3.2)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
+
+    def check_input(self, image: torch.Tensor) -> None:
+        if image.ndim != 4 or image.shape[1] != self.in_channels or tuple(image.shape[-2:]) != self.image_size:
+            raise ValueError(
+                f"{self.method} expects images of shape (B, {self.in_channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}), got {tuple(image.shape)}."
+            )
+
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        self.check_input(image)
+        return self.encoder(image)
+
+
+class AEFlow(AnomalyNetwork):
     """The three replaceable parts plus the scorer of equation (2); only ``flow`` and ``decoder`` train."""
 
     method = "ae-flow"
@@ -102,11 +143,7 @@ class AEFlow(nn.Module):
             "mask_quantile": mask_quantile,
             "feature_norm": feature_norm,
         }
-        self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
-        self.image_size = checked_image_size(image_size)
-        self.in_channels = in_channels
+        self._set_inputs(image_size, in_channels, input_spec)
         self.encoder = build_encoder(encoder, encoder_weights)
         feature_size = (self.image_size[0] // STRIDE, self.image_size[1] // STRIDE)
         self.feature_shape = (self.encoder.out_channels, *feature_size)
@@ -138,30 +175,6 @@ class AEFlow(nn.Module):
             beta_selection=beta_selection,
             mask_quantile=mask_quantile,
         )
-
-    def get_extra_state(self) -> torch.Tensor:
-        """What this network is, saved with its weights (``scripts.model_file``: JSON text as a uint8 tensor)."""
-        return encode(describe(self.settings, self.input_spec, self.method))
-
-    def set_extra_state(self, state) -> None:
-        """Refuse a model file made for another network, naming every setting that differs."""
-        defaults = {k: p.default for k, p in inspect.signature(AEFlow).parameters.items() if k in self.settings}
-        check_description(state, self.method, self.settings, self.input_spec, defaults)
-
-    def trainable_parameters(self):
-        """The paper optimises the flow and the decoder only (section 3.2)."""
-        return [p for name, p in self.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
-
-    def check_input(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != self.in_channels or tuple(image.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"AE-FLOW expects images of shape (B, {self.in_channels}, {self.image_size[0]}, "
-                f"{self.image_size[1]}), got {tuple(image.shape)}."
-            )
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        self.check_input(image)
-        return self.encoder(image)
 
     def flow_decode(self, features: torch.Tensor) -> FlowOutput:
         features = self.feature_norm(features)

@@ -18,23 +18,18 @@ each training epoch and ``pretrain`` once before the first.
 
 from __future__ import annotations
 
-import inspect
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from ..model_file import check_description, describe, encode
-from ..networks import DEFAULT_INPUT_SPEC, checked_image_size
-from ..preprocessing import resolve_spec
+from ..networks import AnomalyNetwork
 from ..scores import AnomalyScorer
 
 
-class ComparisonMethod(nn.Module):
-    """Base of the comparison methods: the model-file description, input checks and the score dict."""
+class ComparisonMethod(AnomalyNetwork):
+    """Base of the comparison methods: common settings, the scorer and the score dict."""
 
-    method = ""
     # buffers whose size the training data decides (a memory bank): loaded at the file's size, not checked
     variable_shape_entries: tuple[str, ...] = ()
 
@@ -49,11 +44,7 @@ class ComparisonMethod(nn.Module):
         **settings,
     ):
         super().__init__()
-        if in_channels not in (1, 3):
-            raise ValueError(f"in_channels must be 1 (grayscale) or 3 (colour), got {in_channels}.")
-        self.image_size = checked_image_size(image_size)
-        self.in_channels = in_channels
-        self.input_spec = resolve_spec(input_spec or DEFAULT_INPUT_SPEC)
+        self._set_inputs(image_size, in_channels, input_spec)
         self.settings = {
             "image_size": list(self.image_size),
             "in_channels": in_channels,
@@ -65,28 +56,6 @@ class ComparisonMethod(nn.Module):
         self.scorer = AnomalyScorer(
             beta=beta, normalization=score_normalization, beta_selection="fixed", mask_quantile=mask_quantile
         )
-
-    def get_extra_state(self) -> torch.Tensor:
-        return encode(describe(self.settings, self.input_spec, self.method))
-
-    def set_extra_state(self, state) -> None:
-        signature = inspect.signature(type(self)).parameters
-        defaults = {k: p.default for k, p in signature.items() if k in self.settings}
-        check_description(state, self.method, self.settings, self.input_spec, defaults)
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for name, p in self.named_parameters() if not name.startswith("encoder.") and p.requires_grad]
-
-    def check_input(self, image: torch.Tensor) -> None:
-        if image.ndim != 4 or image.shape[1] != self.in_channels or tuple(image.shape[-2:]) != self.image_size:
-            raise ValueError(
-                f"{self.method} expects images of shape (B, {self.in_channels}, {self.image_size[0]}, "
-                f"{self.image_size[1]}), got {tuple(image.shape)}."
-            )
-
-    def encode(self, image: torch.Tensor) -> torch.Tensor:
-        self.check_input(image)
-        return self.encoder(image)
 
     def features_of(self, image: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
         return self.encode(image) if features is None else features
