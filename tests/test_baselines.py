@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -53,6 +54,20 @@ def test_method_trains_evaluates_and_its_model_file_scores_alike(name, bundle_ro
     names = [f"{n}#slice={int(s)}" for n, s in zip(batch["image"].meta["filename_or_obj"], batch["slice"])]
     expected = torch.tensor([evaluated[n] for n in names])
     torch.testing.assert_close(rescored, expected, rtol=1e-4, atol=1e-4)
+
+    # the inference workflow (what MONAI Deploy and MONAI Label run) on the test volumes scores them alike
+    infer = {k: override[k] for k in ("bundle_root", "ckpt_dir")}
+    infer.update(dataset_dir=str(tiny_dataset / "volumes"), input_glob="test_*_flair.nii.gz", output_dir=str(tmp_path))
+    workflow = bundle_workflow(bundle_root, ["inference.json"], "infer", **infer)
+    workflow.run()
+    workflow.finalize()
+    with open(tmp_path / "scores.csv") as f:
+        inferred = {Path(row["name"]).name: float(row["score"]) for row in csv.DictReader(f)}
+    shared = sorted(set(inferred) & {Path(name).name for name in evaluated})
+    assert shared
+    by_name = {Path(name).name: value for name, value in evaluated.items()}
+    for name in shared:
+        assert inferred[name] == pytest.approx(by_name[name], rel=1e-4, abs=1e-4), name
 
 
 def test_patchcore_memory_bank_is_a_coreset_kept_in_the_model_file(bundle_root, tiny_dataset, tmp_path):

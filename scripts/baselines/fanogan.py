@@ -44,7 +44,7 @@ class FAnoGAN(ComparisonMethod):
         self,
         gan_image_size: int = 64,
         latent_dim: int = 128,
-        gan_epochs: int = 20,
+        gan_epochs: int = 10,
         critic_steps: int = 5,
         kappa: float = 1.0,
         **common,
