@@ -140,3 +140,20 @@ def test_compare_by_method_names_writes_one_table_and_roc_and_resumes(bundle_roo
     ablations.main(args)  # the same settings again: both variants are reused, nothing retrained
     assert model.stat().st_mtime_ns == written
     assert json.loads((tmp_path / "comparison.json").read_text()) == table
+
+
+def test_ganomaly_restarts_a_collapsed_discriminator_without_stepping_it():
+    from unittest import mock
+
+    from scripts.baselines import ganomaly
+
+    torch.manual_seed(0)
+    network = ganomaly.GANomaly(image_size=64, gan_image_size=32)
+    images = torch.rand(4, 1, 64, 64)
+    assert network.discriminator_losses(images)["loss"] > ganomaly.COLLAPSED_D_LOSS
+    before = [p.detach().clone() for p in network.discriminator_parameters()]
+    perfect = torch.tensor(0.0, requires_grad=True)  # a discriminator that tells real from fake with certainty
+    with mock.patch.object(ganomaly.F, "binary_cross_entropy_with_logits", return_value=perfect):
+        assert network.discriminator_losses(images) is None  # nothing to step on
+    after = list(network.discriminator_parameters())
+    assert any(not torch.equal(b, a) for b, a in zip(before, after) if b.ndim > 1)  # re-initialised

@@ -62,7 +62,7 @@ class GANomaly(ComparisonMethod):
     def discriminator_parameters(self) -> list[torch.nn.Parameter]:
         return list(self.discriminator.parameters())
 
-    def discriminator_losses(self, image: torch.Tensor, features=None) -> dict:
+    def discriminator_losses(self, image: torch.Tensor, features=None) -> dict | None:
         with torch.no_grad():
             small, _, reconstruction, _ = self.generate(image)
         real, fake = self.discriminator(small), self.discriminator(reconstruction)
@@ -70,8 +70,9 @@ class GANomaly(ComparisonMethod):
             F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
             + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake))
         )
-        if float(loss.detach()) < COLLAPSED_D_LOSS:
+        if float(loss.detach()) < COLLAPSED_D_LOSS:  # nothing left to learn from it: start it afresh, no step
             _reinitialise(self.discriminator)
+            return None
         return {"loss": loss}
 
     def training_losses(self, image: torch.Tensor, features=None) -> dict:
