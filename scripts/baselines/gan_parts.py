@@ -35,20 +35,24 @@ def _channels(depth: int) -> tuple[int, ...]:
     return tuple(min(MAX_CHANNELS, BASE_CHANNELS * 2**i) for i in range(depth))
 
 
-def image_encoder(in_channels: int, size: int, latent: int) -> Regressor:
-    """Image (C, size, size) -> latent vector: strided convolutions, batch norm, leaky ReLU, then a linear layer."""
+def _downsampling(in_channels: int, size: int, norm) -> dict:
+    """The stack of stride-2 convolutions with leaky ReLU that the encoders, the discriminator and the critic share."""
     depth = gan_depth(size)
-    return Regressor(
-        in_shape=(in_channels, size, size),
-        out_shape=(latent,),
-        channels=_channels(depth),
-        strides=(2,) * depth,
-        kernel_size=3,
-        num_res_units=0,
-        act=(Act.LEAKYRELU, {"negative_slope": 0.2}),
-        norm=Norm.BATCH,
-        dropout=None,
-    )
+    return {
+        "in_shape": (in_channels, size, size),
+        "channels": _channels(depth),
+        "strides": (2,) * depth,
+        "kernel_size": 3,
+        "num_res_units": 0,
+        "act": (Act.LEAKYRELU, {"negative_slope": 0.2}),
+        "norm": norm,
+        "dropout": None,
+    }
+
+
+def image_encoder(in_channels: int, size: int, latent: int) -> Regressor:
+    """Image (C, size, size) -> latent vector: strided convolutions with batch norm, then a linear layer."""
+    return Regressor(out_shape=(latent,), **_downsampling(in_channels, size, Norm.BATCH))
 
 
 class ImageDecoder(nn.Module):
@@ -74,33 +78,13 @@ class ImageDecoder(nn.Module):
 
 
 def discriminator(in_channels: int, size: int) -> Discriminator:
-    depth = gan_depth(size)
-    return Discriminator(
-        in_shape=(in_channels, size, size),
-        channels=_channels(depth),
-        strides=(2,) * depth,
-        kernel_size=3,
-        num_res_units=0,
-        act=(Act.LEAKYRELU, {"negative_slope": 0.2}),
-        norm=Norm.BATCH,
-        dropout=None,
-        last_act=None,  # logits: the loss applies the sigmoid (BCE with logits)
-    )
+    """Real or reconstructed, as a logit (the loss applies the sigmoid: BCE with logits)."""
+    return Discriminator(last_act=None, **_downsampling(in_channels, size, Norm.BATCH))
 
 
 def critic(in_channels: int, size: int) -> Critic:
-    """WGAN-GP critic: no batch norm (the gradient penalty is per sample), layer-free of dropout."""
-    depth = gan_depth(size)
-    return Critic(
-        in_shape=(in_channels, size, size),
-        channels=_channels(depth),
-        strides=(2,) * depth,
-        kernel_size=3,
-        num_res_units=0,
-        act=(Act.LEAKYRELU, {"negative_slope": 0.2}),
-        norm=None,
-        dropout=None,
-    )
+    """WGAN-GP critic, without batch norm: the gradient penalty is taken per sample."""
+    return Critic(**_downsampling(in_channels, size, None))
 
 
 def features(network: nn.Module, image: torch.Tensor) -> torch.Tensor:
