@@ -17,9 +17,9 @@ from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigWorkflow
 
 
-def _train_tracked(bundle_root, dataset, out, **tracking):
+def _train_tracked(bundle_root, dataset, out, configs=("train.json",), **tracking):
     workflow = ConfigWorkflow(
-        config_file=str(bundle_root / "configs" / "train.json"),
+        config_file=[str(bundle_root / "configs" / name) for name in configs],
         meta_file=str(bundle_root / "configs" / "metadata.json"),
         logging_file=str(bundle_root / "configs" / "logging.conf"),
         workflow_type="train",
@@ -57,6 +57,16 @@ def _check_run(client: MlflowClient):
 def test_local_sqlite_store(bundle_root, tiny_dataset, tmp_path):
     _train_tracked(bundle_root, tiny_dataset, tmp_path)  # MONAI's default: sqlite under output_dir
     _check_run(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/eval/mlruns.db"))
+
+
+def test_comparison_method_is_tracked_like_ae_flow(bundle_root, tiny_dataset, tmp_path):
+    _train_tracked(bundle_root, tiny_dataset, tmp_path, configs=("train.json", "baseline_differnet.json"))
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/eval/mlruns.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])
+    assert run.data.params["method"] == "differnet" and run.data.params["views"] == "1"
+    for metric in ("train_loss", "loss_flow", "val_auc", "val_f1"):
+        assert metric in run.data.metrics, metric
+    assert "val_metrics.json" in [artifact.path for artifact in client.list_artifacts(run.info.run_id)]
 
 
 def _free_port() -> int:
