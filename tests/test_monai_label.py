@@ -45,8 +45,21 @@ def _request(url: str, method: str = "GET", timeout: float = 300):
         return error.code, error.read()
 
 
-@pytest.fixture(scope="module")
-def server(bundle_root, tmp_path_factory):
+def _patchcore_model(bundle_root, data: Path, work: Path) -> Path:
+    """A comparison method's model file (PatchCore, one pass over the demo's training slices)."""
+    override = {"bundle_root": str(bundle_root), "dataset_dir": str(data), "ckpt_dir": str(work / "patchcore")}
+    workflow = bundle_workflow(
+        bundle_root, ["train.json", "baseline_patchcore.json"], "train", output_dir=str(work / "eval"), **override
+    )
+    workflow.run()
+    workflow.finalize()
+    return work / "patchcore" / "model.pt"
+
+
+@pytest.fixture(scope="module", params=["ae-flow", "patchcore"])
+def server(request, bundle_root, tmp_path_factory):
+    """The server with the README's runtime bundle of the demo model, then of a comparison method's model: the
+    model file names its method, so the same bundle code serves both."""
     from scripts.package import build
     from scripts.synthetic import prepare_default_dataset
 
@@ -57,8 +70,9 @@ def server(bundle_root, tmp_path_factory):
     subprocess.run(
         [MONAILABEL, "apps", "--download", "--name", "monaibundle", "--output", str(apps)], env=env, check=True
     )
-    build(apps / "monaibundle" / "model" / "aeflow_anomaly")  # the README's runtime bundle, demo model
     data = prepare_default_dataset(work / "synthetic_brain")
+    model = None if request.param == "ae-flow" else _patchcore_model(bundle_root, work / "synthetic_brain", work)
+    build(apps / "monaibundle" / "model" / "aeflow_anomaly", model)  # the README's runtime bundle
     studies = work / "studies"
     studies.mkdir()
     source = work / "synthetic_brain" / "volumes" / "test_004_flair.nii.gz"  # a volume with a lesion
