@@ -67,7 +67,7 @@ class PatchCore(ComparisonMethod):
         self,
         encoder: str = "efficientnet-lite0",
         encoder_weights: str = "imagenet",
-        coreset_ratio: float = 0.01,
+        coreset_ratio: float = 0.1,
         projection_dim: int = 128,
         neighbourhood: int = 3,
         reweight_neighbours: int = 9,
