@@ -129,27 +129,34 @@ class AEFlowTrainer(SupervisedTrainer):
             "loss_flow": parts["loss_flow"],
             "loss_recon": parts["loss_recon"],
         }
-        if not torch.isfinite(loss) and self._nonfinite(engine, "loss"):
-            return engine.state.output
-        scaler = engine.scaler if engine.amp else None
+        if self._step(engine, loss, engine.optimizer, scaler=engine.scaler if engine.amp else None):
+            engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return engine.state.output
+
+    def _step(self, engine, loss: torch.Tensor, optimizer, what: str = "", scaler=None) -> bool:
+        """One optimiser step on ``loss``, gradients clipped to ``grad_clip_norm``; False when the non-finite
+        policy skipped it (``what`` names the loss in the message: "discriminator", ...)."""
+        prefix = f"{what} " if what else ""
+        if not torch.isfinite(loss) and self._nonfinite(engine, prefix + "loss"):
+            return False
         (scaler.scale(loss) if scaler is not None else loss).backward()
         engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         if scaler is not None:
-            scaler.unscale_(engine.optimizer)
-        params = [p for group in engine.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            scaler.unscale_(optimizer)
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.grad_clip_norm if self.grad_clip_norm else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if not torch.isfinite(grad_norm) and self._nonfinite(engine, "gradient"):
+        if not torch.isfinite(grad_norm) and self._nonfinite(engine, prefix + "gradient"):
+            optimizer.zero_grad(set_to_none=True)  # the policy cleared the trainer's own optimiser; this one too
             if scaler is not None:
                 scaler.update()
-            return engine.state.output
+            return False
         if scaler is not None:
-            scaler.step(engine.optimizer)
+            scaler.step(optimizer)
             scaler.update()
         else:
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        return engine.state.output
+            optimizer.step()
+        return True
 
 
 class BaselineTrainer(AEFlowTrainer):
@@ -179,21 +186,6 @@ class BaselineTrainer(AEFlowTrainer):
     def _pretrain(self, engine) -> None:
         _unwrap(engine.network).pretrain(engine)
 
-    def _step(self, engine, parts: dict, optimizer, what: str) -> bool:
-        """One optimiser step on ``parts["loss"]``; False when the non-finite policy skipped it."""
-        loss = parts["loss"]
-        if not torch.isfinite(loss) and self._nonfinite(engine, f"{what} loss"):
-            return False
-        loss.backward()
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        max_norm = self.grad_clip_norm if self.grad_clip_norm else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if not torch.isfinite(grad_norm) and self._nonfinite(engine, f"{what} gradient"):
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        optimizer.step()
-        return True
-
     def _iteration(self, engine, batchdata: dict) -> dict:
         images, features = _batch_tensors(engine, batchdata, self.image_key, self.features_key)
         network = _unwrap(engine.network)
@@ -205,7 +197,7 @@ class BaselineTrainer(AEFlowTrainer):
                 parts = network.discriminator_losses(images, features)
                 if parts is None:
                     break
-                self._step(engine, parts, self.d_optimizer, "discriminator")
+                self._step(engine, parts["loss"], self.d_optimizer, "discriminator")
                 output.update({f"d_{k}": v.detach() for k, v in parts.items()})
         if engine.optimizer is not None:
             engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
@@ -213,7 +205,7 @@ class BaselineTrainer(AEFlowTrainer):
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         if parts is not None:
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            self._step(engine, parts, engine.optimizer, "training")
+            self._step(engine, parts["loss"], engine.optimizer, "training")
             output.update({k: v.detach() for k, v in parts.items()})
         for key in ("loss", "loss_flow", "loss_recon"):  # the keys train.json's StatsHandler and MLflow log
             output.setdefault(key, images.new_zeros(()))

@@ -134,8 +134,13 @@ class AnomalyMetricsHandler:
                 self.panels.append(sample)
 
     @property
+    def model(self) -> torch.nn.Module:
+        """The network itself, not its DistributedDataParallel wrapper."""
+        return self.network.module if hasattr(self.network, "module") else self.network
+
+    @property
     def scorer(self):
-        return (self.network.module if hasattr(self.network, "module") else self.network).scorer
+        return self.model.scorer
 
     def _gather(self) -> bool:
         """Merge every process's records (sharded evaluation); True on the process that writes the outputs."""
@@ -201,8 +206,11 @@ class AnomalyMetricsHandler:
             summary["validation_protocol"] = validation_protocol(labels, scores, self.protocol_folds, seed=self.seed)
         reports.write_json(os.path.join(out, f"{self.prefix}metrics.json"), summary)
         if self.plots and both_classes:
-            method = getattr(self.network.module if hasattr(self.network, "module") else self.network, "method", "")
-            curves = {f"{method} score": scores, "S_flow": terms["flow"].numpy(), "S_recon": terms["recon"].numpy()}
+            curves = {
+                f"{getattr(self.model, 'method', '')} score": scores,
+                "S_flow": terms["flow"].numpy(),
+                "S_recon": terms["recon"].numpy(),
+            }
             reports.plot_roc(os.path.join(out, f"{self.prefix}roc.png"), labels, curves)
             reports.plot_score_distributions(
                 os.path.join(out, f"{self.prefix}score_distributions.png"), labels, scores, metrics.get("threshold")

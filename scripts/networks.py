@@ -90,6 +90,10 @@ class AnomalyNetwork(nn.Module):
         self.check_input(image)
         return self.encoder(image)
 
+    def features_of(self, image: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+        """The frozen encoder's features: the cached ones when given (``scripts.feature_cache``), else computed."""
+        return self.encode(image) if features is None else features
+
 
 class AEFlow(AnomalyNetwork):
     """The three replaceable parts plus the scorer of equation (2); only ``flow`` and ``decoder`` train."""
@@ -121,10 +125,11 @@ class AEFlow(AnomalyNetwork):
         input_spec: dict | None = None,
     ):
         super().__init__()
+        self._set_inputs(image_size, in_channels, input_spec)
         self.settings = {
             "encoder": encoder,
             "encoder_weights": str(encoder_weights),
-            "image_size": list(checked_image_size(image_size)),
+            "image_size": list(self.image_size),
             "in_channels": in_channels,
             "subnet": subnet,
             "flow_blocks": flow_blocks,
@@ -143,7 +148,6 @@ class AEFlow(AnomalyNetwork):
             "mask_quantile": mask_quantile,
             "feature_norm": feature_norm,
         }
-        self._set_inputs(image_size, in_channels, input_spec)
         self.encoder = build_encoder(encoder, encoder_weights)
         feature_size = (self.image_size[0] // STRIDE, self.image_size[1] // STRIDE)
         self.feature_shape = (self.encoder.out_channels, *feature_size)
@@ -186,7 +190,7 @@ class AEFlow(AnomalyNetwork):
 
     def score(self, image: torch.Tensor, features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Everything evaluation needs from one pass: term maps, combined map, image scores, reconstruction."""
-        out = self.flow_decode(self.encode(image) if features is None else features)
+        out = self.flow_decode(self.features_of(image, features))
         maps = self.scorer.term_maps(out.z_prime, image, out.reconstruction)
         result = {f"map_{name}": value for name, value in maps.items()}
         result["anomaly_map"] = self.scorer.combine(maps)
@@ -196,7 +200,7 @@ class AEFlow(AnomalyNetwork):
 
     def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor | FlowOutput:
         """``features`` (from the feature cache) skips the frozen encoder."""
-        out = self.flow_decode(self.encode(image) if features is None else features)
+        out = self.flow_decode(self.features_of(image, features))
         if self.training:
             return out
         return self.scorer.combine(self.scorer.term_maps(out.z_prime, image, out.reconstruction))

@@ -57,9 +57,6 @@ class ComparisonMethod(AnomalyNetwork):
             beta=beta, normalization=score_normalization, beta_selection="fixed", mask_quantile=mask_quantile
         )
 
-    def features_of(self, image: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
-        return self.encode(image) if features is None else features
-
     def anomaly_terms(self, image: torch.Tensor, features: torch.Tensor | None):
         """(term maps {"flow", "recon", "residual"} at image size, image-level terms {"flow", "recon"},
         reconstruction or None)."""
@@ -91,18 +88,24 @@ class ComparisonMethod(AnomalyNetwork):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-def image_maps(feature_map: torch.Tensor | None, image: torch.Tensor, residual: torch.Tensor | None = None) -> dict:
-    """Term maps at image size from a feature-space map (B, 1, h, w) and an image-space residual map (B, 1, H, W);
-    a missing term is zero."""
+def term_maps(
+    image: torch.Tensor,
+    flow: torch.Tensor | None = None,
+    recon: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+) -> dict:
+    """The term maps ``score`` combines, at image size. ``flow`` is a map (B, 1, H, W) or one value per image (B,):
+    a method without localisation contributes that value everywhere. A missing term is zero; ``residual`` (the
+    figures' |x - x'| row) is ``recon`` unless given."""
     zeros = image.new_zeros(image.shape[0], 1, *image.shape[-2:])
-    flow = zeros if feature_map is None else F.interpolate(feature_map, size=image.shape[-2:], mode="bilinear")
-    recon = zeros if residual is None else residual
-    return {"flow": flow, "recon": recon, "residual": zeros if residual is None else residual}
-
-
-def constant_map(values: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-    """An image-level value as a map: what a method without localisation contributes to the pixel level."""
-    return values.view(-1, 1, 1, 1).expand(-1, 1, *image.shape[-2:])
+    if flow is not None and flow.ndim == 1:
+        flow = flow.view(-1, 1, 1, 1).expand_as(zeros)
+    recon = zeros if recon is None else recon
+    return {
+        "flow": zeros if flow is None else flow,
+        "recon": recon,
+        "residual": recon if residual is None else residual,
+    }
 
 
 def resize(image: torch.Tensor, size: int | Sequence[int]) -> torch.Tensor:

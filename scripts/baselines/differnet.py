@@ -24,7 +24,7 @@ from torch import nn
 
 from ..encoders import build_encoder
 from ..losses import flow_nll
-from .base import ComparisonMethod, constant_map, image_maps
+from .base import ComparisonMethod, term_maps
 
 VIEWS = {1: ((),), 2: ((), (-1,)), 4: ((), (-1,), (-2,), (-2, -1))}  # the image dimensions each view flips
 
@@ -117,6 +117,4 @@ class DifferNet(ComparisonMethod):
             z, _ = self.flow(view)
             scores.append(z.pow(2).mean(dim=1))
         score = torch.stack(scores).mean(dim=0)
-        maps = image_maps(None, image)
-        maps["flow"] = constant_map(score, image)
-        return maps, {"flow": score, "recon": torch.zeros_like(score)}, None
+        return term_maps(image, flow=score), {"flow": score, "recon": torch.zeros_like(score)}, None

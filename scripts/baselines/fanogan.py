@@ -23,7 +23,7 @@ import torch
 from monai.utils import convert_to_tensor
 
 from . import gan_parts
-from .base import ComparisonMethod, image_maps, resize
+from .base import ComparisonMethod, resize, term_maps
 
 logger = logging.getLogger(__name__)
 GRADIENT_PENALTY = 10.0
@@ -139,7 +139,6 @@ class FAnoGAN(ComparisonMethod):
         image_residual, feature_residual = self.residuals(small, reconstruction)
         reconstruction = resize(reconstruction, image.shape[-2:])
         squared = (image - reconstruction).pow(2).mean(dim=1, keepdim=True)
-        maps = image_maps(None, image, squared)
-        maps["flow"] = feature_residual.view(-1, 1, 1, 1).expand_as(squared)
-        maps["residual"] = (image - reconstruction).abs().mean(dim=1, keepdim=True)
+        absolute = (image - reconstruction).abs().mean(dim=1, keepdim=True)
+        maps = term_maps(image, flow=feature_residual, recon=squared, residual=absolute)
         return maps, {"flow": feature_residual, "recon": image_residual}, reconstruction

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from . import gan_parts
-from .base import ComparisonMethod, constant_map, image_maps, resize
+from .base import ComparisonMethod, resize, term_maps
 
 COLLAPSED_D_LOSS = 1e-5
 
@@ -92,7 +92,6 @@ class GANomaly(ComparisonMethod):
         latent_distance = (z - z_hat).pow(2).mean(dim=1)
         reconstruction = resize(reconstruction, image.shape[-2:])
         residual = (image - reconstruction).abs().mean(dim=1, keepdim=True)
-        maps = image_maps(None, image, residual)
-        maps["flow"] = constant_map(latent_distance, image)
+        maps = term_maps(image, flow=latent_distance, recon=residual)
         recon_term = residual.flatten(1).mean(dim=1)
         return maps, {"flow": latent_distance, "recon": recon_term}, reconstruction

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from monai.networks.layers import GaussianFilter
 
 from ..encoders import build_encoder
-from .base import ComparisonMethod, image_maps
+from .base import ComparisonMethod, resize, term_maps
 
 logger = logging.getLogger(__name__)
 QUERY_CHUNK = 4096
@@ -139,6 +139,5 @@ class PatchCore(ComparisonMethod):
         )
         weights = 1.0 - torch.softmax(support_distances, dim=1)[:, 0]
         image_score = weights * patch_scores[rows, top]
-        maps = image_maps(patch_scores.view(batch, 1, height, width), image)
-        maps["flow"] = self.smooth(maps["flow"])
+        maps = term_maps(image, flow=self.smooth(resize(patch_scores.view(batch, 1, height, width), image.shape[-2:])))
         return maps, {"flow": image_score, "recon": torch.zeros_like(image_score)}, None
