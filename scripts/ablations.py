@@ -71,6 +71,7 @@ RECORDED_KEYS = (
     "learning_rate",
     "weight_decay",
     "early_stop_patience",
+    "lr_schedule",
     "seed",
 )
 

@@ -17,3 +17,14 @@ def check_world_size(items: Sequence, world_size: int) -> int:
             "(torchrun --nproc_per_node / --nnodes), or more data."
         )
     return len(items)
+
+
+def check_early_stopping(patience: int | None) -> None:
+    """Refuse early stopping under DDP: only rank 0 validates, so a stop there would leave the other processes
+    waiting for it at their next gradient all-reduce, for ever."""
+    if patience:
+        raise ValueError(
+            f"early_stop_patience {patience} cannot be used with multi_gpu_train.json: only rank 0 validates, and "
+            "its stop would leave the other processes waiting. Set early_stop_patience to null (--early_stop_patience "
+            "null) and choose the epoch from the saved best-validation model, or train on one device."
+        )

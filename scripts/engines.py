@@ -59,6 +59,24 @@ def bundle_workflow(bundle_root: str | Path, config_files: list[str], workflow_t
     return workflow
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str = "constant", epochs: int = 1):
+    """The learning-rate schedule named by ``lr_schedule``, stepped once per epoch by MONAI's ``LrScheduleHandler``.
+
+    ``cosine`` anneals to zero over ``epochs``, the run's budget; early stopping may end the run sooner. The
+    scheduler is part of the resume state, so a resumed run continues on the same curve.
+    """
+    if schedule == "constant":
+        return torch.optim.lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if schedule == "cosine":
+        if int(epochs) < 1:
+            raise ValueError(f"lr_schedule 'cosine' needs epochs >= 1, got {epochs}.")
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(epochs))
+    raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}.")
+
+
 def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
     return network.module if hasattr(network, "module") else network
 

@@ -93,3 +93,13 @@ def test_more_processes_than_training_items_is_refused():
 
     with pytest.raises(ValueError, match="3 training item\\(s\\) for 4 processes"):
         check_world_size([1, 2, 3], 4)
+
+
+def test_early_stopping_is_refused_under_ddp():
+    """Only rank 0 validates; its early stop would leave the other ranks blocked in their next all-reduce."""
+    from scripts.distributed import check_early_stopping
+
+    with pytest.raises(ValueError, match="early_stop_patience 5 cannot be used with multi_gpu_train.json"):
+        check_early_stopping(5)
+    check_early_stopping(None)
+    check_early_stopping(0)

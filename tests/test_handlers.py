@@ -112,3 +112,18 @@ def test_early_stop_refuses_negative_patience():
 
     with pytest.raises(ValueError, match="early_stop_patience"):
         EarlyStopOnValidation(validator=None, patience=-1)
+
+
+def test_lr_schedule_refuses_unknown_names_and_empty_budgets():
+    from scripts.engines import lr_scheduler
+
+    optimizer = torch.optim.Adam(nn.Linear(2, 2).parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        lr_scheduler(optimizer, "step")
+    with pytest.raises(ValueError, match="epochs >= 1"):
+        lr_scheduler(optimizer, "cosine", epochs=0)
+    constant = lr_scheduler(optimizer, "constant", epochs=3)
+    for _ in range(3):
+        optimizer.step()
+        constant.step()
+    assert optimizer.param_groups[0]["lr"] == 1e-3

@@ -10,6 +10,7 @@ one thread, so that the runs compared do the same arithmetic.
 from __future__ import annotations
 
 import json
+import math
 import os
 
 import pytest
@@ -64,8 +65,7 @@ def test_same_seed_gives_identical_runs(bundle_root, tiny_dataset, tmp_path, ref
     _assert_same_model(state, reference[1])
 
 
-def test_training_killed_mid_epoch_resumes_to_the_same_result(bundle_root, tiny_dataset, tmp_path, reference, capfd):
-    override = _override(bundle_root, tiny_dataset, tmp_path)
+def _killed_in_epoch_2_then_rerun(bundle_root, override, tmp_path, capfd) -> None:
     marker = str(tmp_path / "killed")
     # the fault: SIGKILL at the first iteration of epoch 2, once (the marker file keeps the re-run alive)
     kill = (
@@ -83,6 +83,11 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(bundle_root, tiny_
 
     assert run_forked(bundle_run, **arguments) == 0
     assert "Resumed training from" in "".join(capfd.readouterr())
+
+
+def test_training_killed_mid_epoch_resumes_to_the_same_result(bundle_root, tiny_dataset, tmp_path, reference, capfd):
+    override = _override(bundle_root, tiny_dataset, tmp_path)
+    _killed_in_epoch_2_then_rerun(bundle_root, override, tmp_path, capfd)
     metrics, state = _results(override)
     expected_metrics, expected_state = reference
     for key, value in expected_metrics["paper_protocol"].items():
@@ -90,3 +95,16 @@ def test_training_killed_mid_epoch_resumes_to_the_same_result(bundle_root, tiny_
     _assert_same_model(state, expected_state, atol=1e-4)
     final = torch.load(f"{override['ckpt_dir']}/resume/resume_checkpoint_{EPOCHS}.pt", weights_only=True)
     assert final["trainer"]["iteration"] == EPOCHS * final["trainer"]["epoch_length"]
+
+
+def test_cosine_schedule_resumes_on_its_curve(bundle_root, tiny_dataset, tmp_path, capfd):
+    """The scheduler is resume state: a run killed in epoch 2 continues the cosine where it was, not from the top."""
+    override = {**_override(bundle_root, tiny_dataset, tmp_path), "lr_schedule": "cosine"}
+    _killed_in_epoch_2_then_rerun(bundle_root, override, tmp_path, capfd)
+    for epoch in (EPOCHS - 1, EPOCHS):
+        saved = torch.load(f"{override['ckpt_dir']}/resume/resume_checkpoint_{epoch}.pt", weights_only=True)
+        group = saved["optimizer"]["param_groups"][0]
+        assert saved["lr_scheduler"]["last_epoch"] == epoch
+        # annealed over the whole budget: lr_t = lr_0 (1 + cos(pi t / T)) / 2, zero at the last epoch
+        expected = group["initial_lr"] * (1 + math.cos(math.pi * epoch / EPOCHS)) / 2
+        assert group["lr"] == pytest.approx(expected, abs=1e-12), epoch
