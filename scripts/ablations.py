@@ -13,6 +13,9 @@ once per seed, chosen on validation (the test AUC is reported beside it, never u
 
 ``scoring`` re-scores one trained model with every S_flow form x map reduction (the open points of equation (2)),
 each calibrated on the validation split, so that the scoring design is chosen on validation data, not on test.
+``reconstruction`` measures, on one trained model, candidate reconstruction terms (pixel MSE, a residual in the
+encoder's feature space, SSIM of high-passed images) alone and beside the flow term, and the input's own texture
+energy, which shows whether the residual follows the texture rather than the anomaly.
 
 Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
 overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
@@ -400,29 +403,37 @@ def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds:
     return result
 
 
+def _split_passes(parser, network, split: str):
+    """One no-grad pass over a split: per batch, its images, encoder features, flow output and labels. A split
+    without both classes is refused before anything is fitted on, or measured on, it."""
+    parser["validate#data#split"] = split
+    labels = []
+    with torch.no_grad():
+        for batch in parser.get_parsed_content("validate#dataloader"):
+            images = convert_to_tensor(batch["image"], track_meta=False).float()
+            features = convert_to_tensor(batch["features"], track_meta=False) if "features" in batch else None
+            features = network.encode(images) if features is None else features.float()
+            batch_labels = torch.as_tensor(batch["label"]).view(-1).tolist()
+            labels += batch_labels
+            yield images, features, network.flow_decode(features), batch_labels
+    if set(labels) != {0, 1}:
+        raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
+
+
 def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict]:
     """One pass over a split: its labels and, for every (S_flow form, reduction) design, both image-level terms."""
-    parser["validate#data#split"] = split
-    loader = parser.get_parsed_content("validate#dataloader")
     base = network.scorer
     scorers = {
         form: AnomalyScorer(flow_score=form, data_range=base.data_range, ssim_window=base.ssim_window)
         for form in dict.fromkeys(form for form, _ in designs)
     }
     labels, terms = [], {design: {"flow": [], "recon": []} for design in designs}
-    with torch.no_grad():
-        for batch in loader:
-            images = convert_to_tensor(batch["image"], track_meta=False).float()
-            features = convert_to_tensor(batch["features"], track_meta=False) if "features" in batch else None
-            out = network.flow_decode(network.encode(images) if features is None else features)
-            maps = {form: scorer.term_maps(out.z_prime, images, out.reconstruction) for form, scorer in scorers.items()}
-            labels += torch.as_tensor(batch["label"]).view(-1).tolist()
-            for form, reduction in designs:
-                for name in ("flow", "recon"):
-                    value = reduce_map(maps[form][name], reduction, base.topk_fraction)
-                    terms[form, reduction][name].append(value)
-    if set(labels) != {0, 1}:  # checked before any design is fitted on, or measured on, this split
-        raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
+    for images, _, out, batch_labels in _split_passes(parser, network, split):
+        maps = {form: scorer.term_maps(out.z_prime, images, out.reconstruction) for form, scorer in scorers.items()}
+        labels += batch_labels
+        for form, reduction in designs:
+            for name in ("flow", "recon"):
+                terms[form, reduction][name].append(reduce_map(maps[form][name], reduction, base.topk_fraction))
     return np.asarray(labels), {d: {n: torch.cat(v) for n, v in t.items()} for d, t in terms.items()}
 
 
@@ -479,6 +490,81 @@ def scoring_designs(configs, overrides, workdir: Path, output: Path) -> dict:
     return table
 
 
+HIGH_PASS_SIGMA = 4.0  # pixels at 256 x 256: keeps the lung's vessels and texture, drops the overall shading
+
+
+def _reconstruction_candidates(parser, network, split: str) -> tuple[np.ndarray, dict[str, torch.Tensor]]:
+    """Image-level values of the model's two terms and of the candidate reconstruction terms (issue 13, item 5),
+    plus the input's own fine-texture energy, which needs no model and tells whether the residual follows it."""
+    from monai.networks.layers import GaussianFilter
+
+    from .ssim import ssim_map
+
+    blur = GaussianFilter(spatial_dims=2, sigma=HIGH_PASS_SIGMA)
+    scorer = network.scorer
+    labels, values = [], {}
+    for images, features, out, batch_labels in _split_passes(parser, network, split):
+        maps = scorer.term_maps(out.z_prime, images, out.reconstruction)
+        residual_features = network.encode(out.reconstruction)
+        detail, detail_rec = images - blur(images), out.reconstruction - blur(out.reconstruction)
+        batch_values = {
+            "flow": scorer.reduce(maps["flow"]),
+            "recon_ssim": scorer.reduce(maps["recon"]),
+            "recon_mse": (images - out.reconstruction).pow(2).flatten(1).mean(1),
+            "feature_cosine": (1 - torch.cosine_similarity(features, residual_features, dim=1)).flatten(1).mean(1),
+            "high_pass_ssim": -ssim_map(detail, detail_rec, scorer.data_range, scorer.ssim_window, scorer.ssim_kernel)
+            .flatten(1)
+            .mean(1),
+            "input_texture": detail.pow(2).flatten(1).mean(1),
+            "reconstruction_texture": detail_rec.pow(2).flatten(1).mean(1),
+        }
+        for name, value in batch_values.items():
+            values.setdefault(name, []).append(value)
+        labels += batch_labels
+    return np.asarray(labels), {name: torch.cat(value) for name, value in values.items()}
+
+
+def reconstruction_terms(configs, overrides, workdir: Path, output: Path) -> dict:
+    """Why the reconstruction term points the wrong way on a data set, and whether another residual points the
+    right way: the AUC of each candidate term alone, and of the flow term combined with it by the scorer fitted on
+    the validation split (z-scores, beta, threshold), then applied to test. Test values take no part in a choice."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update({**overrides, "output_dir": _expression(output)})
+    network = network_from_file(Path(workdir) / "models" / "model.pt").eval()
+    val_labels, val = _reconstruction_candidates(parser, network, "validation")
+    test_labels, test = _reconstruction_candidates(parser, network, "test")
+    table = {"run": str(workdir), "high_pass_sigma": HIGH_PASS_SIGMA, "terms": {}, "with_flow": {}}
+    for name in val:
+        table["terms"][name] = {
+            "validation_auc": float(roc_auc_score(val_labels, val[name])),
+            "test_auc": float(roc_auc_score(test_labels, test[name])),
+        }
+    for name in ("recon_ssim", "recon_mse", "feature_cosine", "high_pass_ssim"):
+        scorer = AnomalyScorer(beta=network.scorer.beta, beta_selection="validation")
+        scorer.fit(val_labels, {"flow": val["flow"], "recon": val[name]})
+        combined = scorer.combine({"flow": test["flow"], "recon": test[name]}).numpy()
+        table["with_flow"][name] = {
+            "beta": scorer.beta,
+            "validation_auc": scorer.beta_aucs[scorer.beta],
+            "test_auc": float(roc_auc_score(test_labels, combined)),
+        }
+    reports.write_json(output / "reconstruction_terms.json", table)
+    for name, row in table["terms"].items():
+        logger.info("%-22s alone: validation AUC %.4f  test AUC %.4f", name, row["validation_auc"], row["test_auc"])
+    for name, row in table["with_flow"].items():
+        logger.info(
+            "flow + %-15s beta %.1f  validation AUC %.4f  test AUC %.4f",
+            name,
+            row["beta"],
+            row["validation_auc"],
+            row["test_auc"],
+        )
+    return table
+
+
 def _overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
@@ -492,7 +578,9 @@ def _overrides(pairs: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.ablations", description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=("alpha-beta", "subnet-loss", "compare", "scoring", "features", "record"))
+    parser.add_argument(
+        "kind", choices=("alpha-beta", "subnet-loss", "compare", "scoring", "reconstruction", "features", "record")
+    )
     parser.add_argument("--configs", nargs="+", default=["configs/train.json"], help="bundle config files, in order")
     parser.add_argument("--output", required=True, help="folder for runs, tables and figures; record: the JSON file")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (JSON value)")
@@ -508,19 +596,23 @@ def main(argv: list[str] | None = None) -> None:
         "--encoders", nargs="+", default=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
     )
     parser.add_argument("--probe_epochs", type=int, default=8, help="features: epochs of the flow-only probe")
-    parser.add_argument("--run", help="scoring, record: a trained setting's folder (models/, eval/, settings.json)")
+    parser.add_argument(
+        "--run", help="scoring, reconstruction, record: a trained setting's folder (models/, eval/, settings.json)"
+    )
     parser.add_argument("--data", default="", help="record: what the data set and its splits are")
     parser.add_argument("--command", dest="command_line", default="", help="record: the command that made the run")
     parser.add_argument("--purpose", default="", help="record: why the run was made, and what it is not")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tables this command prints
     output, overrides = Path(args.output), _overrides(args.set)
-    if args.kind in ("scoring", "record") and not args.run:
+    if args.kind in ("scoring", "reconstruction", "record") and not args.run:
         parser.error(f"{args.kind} needs --run")
     if args.kind == "record":
         record(Path(args.run), output, args.data, args.command_line, args.purpose)
     elif args.kind == "scoring":
         scoring_designs(args.configs, overrides, Path(args.run), output)
+    elif args.kind == "reconstruction":
+        reconstruction_terms(args.configs, overrides, Path(args.run), output)
     elif args.kind == "features":
         feature_screen(args.configs, overrides, output, args.encoders, args.seeds or [0, 1, 2], args.probe_epochs)
     elif args.kind == "alpha-beta":

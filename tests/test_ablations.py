@@ -1,6 +1,7 @@
 """The ablation commands on the tiny synthetic set: the alpha x beta grid writes its table and heat map, its
 re-scoring of beta from the saved score terms reproduces the evaluator's own AUC at the trained beta, the
-scoring-design study reproduces the evaluator's score terms and chooses on validation only, and ``record`` turns
+scoring-design study reproduces the evaluator's score terms and chooses on validation only (so does the
+reconstruction-term study), and ``record`` turns
 the setting's folder into a result file with the settings the run really used."""
 
 from __future__ import annotations
@@ -54,6 +55,16 @@ def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp
         assert rows["nll/mean"][f"test_auc_{term}_term"] == pytest.approx(expected, abs=1e-6), term
     with pytest.raises(SystemExit):
         ablations.main(["scoring", "--output", str(study_dir), *common])
+
+    recon_dir = tmp_path / "reconstruction"
+    ablations.main(["reconstruction", "--run", str(tmp_path / "alpha_0.5"), "--output", str(recon_dir), *common])
+    terms = json.loads((recon_dir / "reconstruction_terms.json").read_text())
+    assert {"feature_cosine", "high_pass_ssim", "input_texture", "reconstruction_texture"} <= set(terms["terms"])
+    for term, name in (("flow", "flow"), ("recon", "recon_ssim")):  # the same pass as the evaluator's
+        expected = roc_auc_score(labels, [float(r[f"score_{term}"]) for r in scored])
+        assert terms["terms"][name]["test_auc"] == pytest.approx(expected, abs=1e-6), name
+    for name, row in terms["with_flow"].items():  # beta is the validation split's choice, from the paper's grid
+        assert row["beta"] in ablations.BETAS and 0.0 <= row["validation_auc"] <= 1.0, name
 
 
 def test_feature_screen_chooses_on_validation(bundle_root, tiny_dataset, tmp_path):
