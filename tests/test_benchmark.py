@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from scripts import benchmark
 
 
@@ -22,3 +23,11 @@ def test_measure_and_report(tmp_path):
     assert "## test-machine (cpu)" in table and "SSIM loss" in table and "| efficientnet-lite0 | imagenet |" in table
     benchmark.write_report(report, tmp_path / "benchmarks", "test-machine")  # a rerun replaces its section
     assert (tmp_path / "benchmarks.md").read_text().count("## test-machine (cpu)") == 1
+
+
+def test_folder_settings_name_batch_workers_and_encoder_runtime():
+    assert benchmark.folder_setting("16x2") == (16, 2, "torch")
+    assert benchmark.folder_setting("1x0:onnxruntime") == (1, 0, "onnxruntime")
+    for bad in ("16", "1x0:tensorrt", "ax0"):
+        with pytest.raises(ValueError, match="--settings"):
+            benchmark.folder_setting(bad)

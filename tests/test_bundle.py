@@ -136,3 +136,22 @@ def test_whole_volume_inference_finds_the_demo_lesions(bundle_root, tmp_path):
             in_lesion_slices += mask[..., lesion.any(axis=(0, 1))].sum()
     # measured: 84 % of all mask voxels are in the lesion volumes, and all but one of those in lesion slices
     assert in_lesion_volumes >= 0.75 * everywhere and in_lesion_slices >= 0.95 * in_lesion_volumes > 0
+
+
+def test_onnx_runtime_encoder_scores_as_pytorch(bundle_root, tiny_dataset, trained, tmp_path):
+    """``encoder_runtime: onnxruntime`` (issue 16): the same scores as PyTorch's encoder, to ONNX Runtime's 1e-4."""
+    override = {"bundle_root": trained["bundle_root"], "ckpt_dir": trained["ckpt_dir"]}
+    override.update(dataset_dir=str(tiny_dataset / "volumes"), input_glob="test_*_flair.nii.gz")
+    scores = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path / runtime
+        workflow = bundle_workflow(
+            bundle_root, ["inference.json"], "infer", **override, output_dir=str(out), encoder_runtime=runtime
+        )
+        assert workflow.network_def.encoder.runtime == runtime  # set in network_def: MONAI Label builds that id
+        workflow.run()
+        workflow.finalize()
+        scores[runtime] = {r["name"]: float(r["score"]) for r in csv.DictReader(open(out / "scores.csv"))}
+    assert scores["torch"] and scores["onnxruntime"].keys() == scores["torch"].keys()
+    largest = max(abs(scores["onnxruntime"][name] - score) for name, score in scores["torch"].items())
+    assert 0 < largest <= 1e-4  # another runtime's arithmetic, not another network

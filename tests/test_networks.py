@@ -154,3 +154,19 @@ def test_feature_norm_is_a_trained_layernorm_or_nothing_and_older_files_mean_not
     state["_extra_state"] = encode(description)
     torch.save(state, tmp_path / "model.pt")
     assert network_from_file(tmp_path / "model.pt").settings["feature_norm"] == "none"
+
+
+def test_onnx_runtime_encoder_follows_the_loaded_weights():
+    """The ONNX graph is exported from the weights in place at the first call, and again after a load."""
+    torch.manual_seed(0)
+    encoder, other = build_encoder("efficientnet-lite0", "none"), build_encoder("efficientnet-lite0", "none")
+    images = torch.rand(3, 1, 64, 64)
+    with torch.no_grad():
+        expected, expected_other = encoder(images), other(images)
+        encoder.use_runtime("onnxruntime")
+        assert torch.allclose(encoder(images), expected, atol=1e-4)
+        assert torch.allclose(encoder(images[:1].expand(-1, 3, -1, -1)), expected[:1], atol=1e-4)  # colour input
+        encoder.load_state_dict(other.state_dict())
+        assert torch.allclose(encoder(images), expected_other, atol=1e-4)
+    with pytest.raises(ValueError, match="encoder_runtime must be one of"):
+        encoder.use_runtime("tensorrt")
