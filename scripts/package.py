@@ -7,6 +7,10 @@ and the modality given here, with the output as Deploy and Label receive it (``r
 
     python -m scripts.package --output dist/aeflow_anomaly
     python -m scripts.package --model models/chest_xray/model.pt --modality DX --output dist/aeflow_chest_xray
+    python -m scripts.package --output dist/aeflow_anomaly_ort --encoder-runtime onnxruntime
+
+``--encoder-runtime`` writes the packaged ``inference.json``'s ``encoder_runtime``, which Deploy and Label read
+(``onnxruntime``: the frozen encoder on ONNX Runtime, CPU only; docs/README.md, "Speed and scale").
 """
 
 from __future__ import annotations
@@ -41,9 +45,15 @@ def runtime_metadata(metadata: dict, description: dict, modality: str | None) ->
     return metadata
 
 
-def build(output: str | Path, model: str | Path | None = None, modality: str | None = None) -> Path:
+def build(
+    output: str | Path, model: str | Path | None = None, modality: str | None = None, encoder_runtime: str | None = None
+) -> Path:
     """Write the runtime bundle to ``output`` (which must not exist yet); returns its path."""
+    from .encoders import ENCODER_RUNTIMES
     from .model_file import read_description
+
+    if encoder_runtime is not None and encoder_runtime not in ENCODER_RUNTIMES:
+        raise ValueError(f"encoder_runtime must be one of {ENCODER_RUNTIMES}, got {encoder_runtime!r}.")
 
     output, model = Path(output), Path(model or BUNDLE_ROOT / "models" / "model.pt")
     if output.exists():
@@ -61,6 +71,11 @@ def build(output: str | Path, model: str | Path | None = None, modality: str | N
     metadata_file = output / "configs" / "metadata.json"
     metadata = runtime_metadata(json.loads(metadata_file.read_text()), description, modality)
     metadata_file.write_text(json.dumps(metadata, indent=4) + "\n")
+    if encoder_runtime is not None:
+        inference_file = output / "configs" / "inference.json"
+        inference = json.loads(inference_file.read_text())
+        inference["encoder_runtime"] = encoder_runtime
+        inference_file.write_text(json.dumps(inference, indent=4) + "\n")
     return output
 
 
@@ -69,9 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="the bundle folder to create, e.g. dist/aeflow_anomaly")
     parser.add_argument("--model", help="the model file to ship (default: models/model.pt)")
     parser.add_argument("--modality", help="DICOM modality of the model's input, e.g. MR, DX, CR, XC")
+    parser.add_argument("--encoder-runtime", help="the packaged inference's encoder_runtime: torch or onnxruntime")
     args = parser.parse_args(argv)
     try:
-        print(build(args.output, args.model, args.modality))
+        print(build(args.output, args.model, args.modality, args.encoder_runtime))
     except (FileExistsError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

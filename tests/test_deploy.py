@@ -425,6 +425,31 @@ def test_deploy_app_scores_a_2d_image_as_the_bundle_does(image_bundle, tmp_path,
         assert np.abs(app_png.astype(int) - bundle_png.astype(int)).max() <= 1, kind
 
 
+def test_deploy_app_runs_the_packaged_onnx_runtime_encoder(image_bundle, tmp_path, bundle_root, capfd):
+    """``scripts.package --encoder-runtime onnxruntime``: the app's encoder runs on ONNX Runtime, with the scores of
+    the bundle's PyTorch inference to ONNX Runtime's 1e-4."""
+    pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (.ci/run installs it)")
+    from scripts.package import build
+
+    bundle, images = image_bundle
+    ort_bundle = build(tmp_path / "aeflow_ort", bundle / "models" / "model.pt", encoder_runtime="onnxruntime")
+    assert json.loads((ort_bundle / "configs" / "inference.json").read_text())["encoder_runtime"] == "onnxruntime"
+    single = tmp_path / "in"
+    single.mkdir()
+    shutil.copy(images[0], single / images[0].name)
+    _infer(bundle, single, tmp_path / "bundle_out")
+    capfd.readouterr()
+    assert run_forked(_run_app, bundle_root, ort_bundle, single, tmp_path / "app_out") == 0
+    assert "exported to ONNX Runtime" in "".join(capfd.readouterr())
+    stem = images[0].stem
+    report = json.loads((tmp_path / "app_out" / f"{stem}_scores.json").read_text())
+    expected = json.loads((tmp_path / "bundle_out" / f"{stem}_scores.json").read_text())
+    assert report["score"] == pytest.approx(expected["score"], abs=1e-4)
+    with pytest.raises(ValueError, match="encoder_runtime must be one of"):
+        build(tmp_path / "refused", bundle / "models" / "model.pt", encoder_runtime="tensorrt")
+    assert not (tmp_path / "refused").exists()
+
+
 # ---- MONAI Label: monaibundle app, BundleInferTask (0.8.5), replayed (tests/test_monai_label.py runs a server) ----
 
 

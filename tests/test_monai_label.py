@@ -56,10 +56,11 @@ def _patchcore_model(bundle_root, data: Path, work: Path) -> Path:
     return work / "patchcore" / "model.pt"
 
 
-@pytest.fixture(scope="module", params=["ae-flow", "patchcore"])
+@pytest.fixture(scope="module", params=["ae-flow", "patchcore", "ae-flow-onnxruntime"])
 def server(request, bundle_root, tmp_path_factory):
-    """The server with the README's runtime bundle of the demo model, then of a comparison method's model: the
-    model file names its method, so the same bundle code serves both."""
+    """The server with the README's runtime bundle of the demo model, then of a comparison method's model (the
+    model file names its method, so the same bundle code serves both), then of the demo model packaged with its
+    encoder on ONNX Runtime (``scripts.package --encoder-runtime onnxruntime``)."""
     from scripts.package import build
     from scripts.synthetic import prepare_default_dataset
 
@@ -71,8 +72,9 @@ def server(request, bundle_root, tmp_path_factory):
         [MONAILABEL, "apps", "--download", "--name", "monaibundle", "--output", str(apps)], env=env, check=True
     )
     data = prepare_default_dataset(work / "synthetic_brain")
-    model = None if request.param == "ae-flow" else _patchcore_model(bundle_root, work / "synthetic_brain", work)
-    build(apps / "monaibundle" / "model" / "aeflow_anomaly", model)  # the README's runtime bundle
+    model = _patchcore_model(bundle_root, work / "synthetic_brain", work) if request.param == "patchcore" else None
+    runtime = "onnxruntime" if request.param.endswith("onnxruntime") else None
+    build(apps / "monaibundle" / "model" / "aeflow_anomaly", model, encoder_runtime=runtime)  # the README's bundle
     studies = work / "studies"
     studies.mkdir()
     source = work / "synthetic_brain" / "volumes" / "test_004_flair.nii.gz"  # a volume with a lesion
@@ -100,7 +102,7 @@ def server(request, bundle_root, tmp_path_factory):
             time.sleep(2)
         else:
             pytest.fail(f"MONAI Label did not serve the bundle in 600 s: {(work / 'server.log').read_text()[-3000:]}")
-        yield base, work, data
+        yield base, work, data, runtime
     finally:
         process.terminate()
         try:
@@ -111,7 +113,7 @@ def server(request, bundle_root, tmp_path_factory):
 
 
 def test_label_server_returns_the_bundles_mask_and_scores(server, bundle_root, tmp_path):
-    base, work, _ = server
+    base, work, _, runtime = server
     status, body = _request(f"{base}/infer/aeflow_anomaly?image=case_lesion&output=image", method="POST")
     assert status == 200, body[:500]
     served = tmp_path / "served.nii.gz"
@@ -130,10 +132,12 @@ def test_label_server_returns_the_bundles_mask_and_scores(server, bundle_root, t
     assert result["score"] == pytest.approx(own["score"], abs=1e-5)  # the scores reach the Label client
     assert result["max_slice"] == own["max_slice"] and result["anomalous"] == own["anomalous"]
     np.testing.assert_allclose(result["slice_scores"], own["slice_scores"], atol=1e-5)
+    if runtime == "onnxruntime":  # the server's network_def carried the packaged runtime
+        assert "exported to ONNX Runtime" in (work / "server.log").read_text()
 
 
 def test_label_server_names_a_bad_input(server):
-    base, _, _ = server
+    base, _, _, _ = server
     status, body = _request(f"{base}/infer/aeflow_anomaly?image=case_blank&output=json", method="POST")
     assert status == 422, body[:500]
     assert "the image is constant" in json.loads(body)["detail"]
