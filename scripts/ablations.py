@@ -15,7 +15,9 @@ once per seed, chosen on validation (the test AUC is reported beside it, never u
 each calibrated on the validation split, so that the scoring design is chosen on validation data, not on test.
 ``reconstruction`` measures, on one trained model, candidate reconstruction terms (pixel MSE, a residual in the
 encoder's feature space, SSIM of high-passed images) alone and beside the flow term, and the input's own texture
-energy, which shows whether the residual follows the texture rather than the anomaly.
+energy, which shows whether the residual follows the texture rather than the anomaly. ``ensemble`` scores several
+trained settings (other encoders, seeds) as one detector, the mean of their calibrated scores, on validation and
+test.
 
 Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
 overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
@@ -404,8 +406,8 @@ def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds:
 
 
 def _split_passes(parser, network, split: str):
-    """One no-grad pass over a split: per batch, its images, encoder features, flow output and labels. A split
-    without both classes is refused before anything is fitted on, or measured on, it."""
+    """One no-grad pass over a split: per batch, its images, encoder features and labels. A split without both
+    classes is refused before anything is fitted on, or measured on, it."""
     parser["validate#data#split"] = split
     labels = []
     with torch.no_grad():
@@ -415,7 +417,7 @@ def _split_passes(parser, network, split: str):
             features = network.encode(images) if features is None else features.float()
             batch_labels = torch.as_tensor(batch["label"]).view(-1).tolist()
             labels += batch_labels
-            yield images, features, network.flow_decode(features), batch_labels
+            yield images, features, batch_labels
     if set(labels) != {0, 1}:
         raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
 
@@ -428,7 +430,8 @@ def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict
         for form in dict.fromkeys(form for form, _ in designs)
     }
     labels, terms = [], {design: {"flow": [], "recon": []} for design in designs}
-    for images, _, out, batch_labels in _split_passes(parser, network, split):
+    for images, features, batch_labels in _split_passes(parser, network, split):
+        out = network.flow_decode(features)
         maps = {form: scorer.term_maps(out.z_prime, images, out.reconstruction) for form, scorer in scorers.items()}
         labels += batch_labels
         for form, reduction in designs:
@@ -503,7 +506,8 @@ def _reconstruction_candidates(parser, network, split: str) -> tuple[np.ndarray,
     blur = GaussianFilter(spatial_dims=2, sigma=HIGH_PASS_SIGMA)
     scorer = network.scorer
     labels, values = [], {}
-    for images, features, out, batch_labels in _split_passes(parser, network, split):
+    for images, features, batch_labels in _split_passes(parser, network, split):
+        out = network.flow_decode(features)
         maps = scorer.term_maps(out.z_prime, images, out.reconstruction)
         residual_features = network.encode(out.reconstruction)
         detail, detail_rec = images - blur(images), out.reconstruction - blur(out.reconstruction)
@@ -565,6 +569,47 @@ def reconstruction_terms(configs, overrides, workdir: Path, output: Path) -> dic
     return table
 
 
+def _calibrated_scores(run: Path, split: str, output: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A trained setting's image scores on a split, as evaluation computes them: its own configs and overrides from
+    ``settings.json`` for the data, and what its model file says it is (encoder, size, preprocessing, calibration)
+    for everything else, so a config changed since the run cannot re-type the model."""
+    from monai.bundle import ConfigParser
+
+    settings = json.loads((run / "settings.json").read_text())
+    network = network_from_file(run / "models" / "model.pt").eval()
+    parser = ConfigParser()
+    parser.read_config(settings["configs"])
+    described = {key: network.settings[key] for key in ("encoder", "image_size", "in_channels")}
+    parser.update({**settings["overrides"], **described, "input_spec": network.input_spec})
+    parser.update({"output_dir": _expression(output)})
+    labels, scores = [], []
+    for images, features, batch_labels in _split_passes(parser, network, split):
+        scores.append(network.score(images, features)["score"])
+        labels += batch_labels
+    return np.asarray(labels), torch.cat(scores).numpy()
+
+
+def ensemble(runs: list[Path], output: Path) -> dict:
+    """Several trained settings as one detector (issue 13, item 6): the mean of their calibrated scores, each already
+    z-scored on validation normals by its own model. Each member and the ensemble are measured on the validation
+    split, where the choice is made, and on test beside it."""
+    table = {"runs": [str(run) for run in runs], "rule": "mean of the members' calibrated scores", "members": {}}
+    means = {}
+    for split in ("validation", "test"):
+        members = {str(run): _calibrated_scores(run, split, output) for run in runs}
+        labels = next(iter(members.values()))[0]
+        if any(len(y) != len(labels) or (y != labels).any() for y, _ in members.values()):
+            raise ValueError(f"The runs did not score the same {split} items in the same order: {table['runs']}.")
+        for run, (_, scores) in members.items():
+            table["members"].setdefault(run, {})[f"{split}_auc"] = float(roc_auc_score(labels, scores))
+        means[split] = float(roc_auc_score(labels, np.mean([scores for _, scores in members.values()], axis=0)))
+    table["ensemble"] = {"validation_auc": means["validation"], "test_auc": means["test"]}
+    reports.write_json(output / "ensemble.json", table)
+    for name, row in {**table["members"], "ensemble": table["ensemble"]}.items():
+        logger.info("%-60s validation AUC %.4f  test AUC %.4f", name, row["validation_auc"], row["test_auc"])
+    return table
+
+
 def _overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
@@ -579,7 +624,8 @@ def _overrides(pairs: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.ablations", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "kind", choices=("alpha-beta", "subnet-loss", "compare", "scoring", "reconstruction", "features", "record")
+        "kind",
+        choices=("alpha-beta", "subnet-loss", "compare", "scoring", "reconstruction", "ensemble", "features", "record"),
     )
     parser.add_argument("--configs", nargs="+", default=["configs/train.json"], help="bundle config files, in order")
     parser.add_argument("--output", required=True, help="folder for runs, tables and figures; record: the JSON file")
@@ -599,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--run", help="scoring, reconstruction, record: a trained setting's folder (models/, eval/, settings.json)"
     )
+    parser.add_argument("--runs", nargs="+", help="ensemble: trained settings' folders (models/, settings.json)")
     parser.add_argument("--data", default="", help="record: what the data set and its splits are")
     parser.add_argument("--command", dest="command_line", default="", help="record: the command that made the run")
     parser.add_argument("--purpose", default="", help="record: why the run was made, and what it is not")
@@ -607,12 +654,16 @@ def main(argv: list[str] | None = None) -> None:
     output, overrides = Path(args.output), _overrides(args.set)
     if args.kind in ("scoring", "reconstruction", "record") and not args.run:
         parser.error(f"{args.kind} needs --run")
+    if args.kind == "ensemble" and not args.runs:
+        parser.error("ensemble needs --runs")
     if args.kind == "record":
         record(Path(args.run), output, args.data, args.command_line, args.purpose)
     elif args.kind == "scoring":
         scoring_designs(args.configs, overrides, Path(args.run), output)
     elif args.kind == "reconstruction":
         reconstruction_terms(args.configs, overrides, Path(args.run), output)
+    elif args.kind == "ensemble":
+        ensemble([Path(run) for run in args.runs], output)
     elif args.kind == "features":
         feature_screen(args.configs, overrides, output, args.encoders, args.seeds or [0, 1, 2], args.probe_epochs)
     elif args.kind == "alpha-beta":

@@ -1,7 +1,7 @@
 """The ablation commands on the tiny synthetic set: the alpha x beta grid writes its table and heat map, its
 re-scoring of beta from the saved score terms reproduces the evaluator's own AUC at the trained beta, the
 scoring-design study reproduces the evaluator's score terms and chooses on validation only (so does the
-reconstruction-term study), and ``record`` turns
+reconstruction-term study; an ensemble scores as its members' evaluation did), and ``record`` turns
 the setting's folder into a result file with the settings the run really used."""
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp
         assert terms["terms"][name]["test_auc"] == pytest.approx(expected, abs=1e-6), name
     for name, row in terms["with_flow"].items():  # beta is the validation split's choice, from the paper's grid
         assert row["beta"] in ablations.BETAS and 0.0 <= row["validation_auc"] <= 1.0, name
+
+    run_dir = str(tmp_path / "alpha_0.5")  # an ensemble of one setting twice is that setting, scored as evaluation did
+    ablations.main(["ensemble", "--runs", run_dir, run_dir, "--output", str(tmp_path / "ensemble")])
+    together = json.loads((tmp_path / "ensemble" / "ensemble.json").read_text())
+    assert together["members"][run_dir]["test_auc"] == pytest.approx(run["paper_protocol"]["auc"], abs=1e-6)
+    assert together["ensemble"] == pytest.approx(together["members"][run_dir], abs=1e-12)
 
 
 def test_feature_screen_chooses_on_validation(bundle_root, tiny_dataset, tmp_path):
