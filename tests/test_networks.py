@@ -170,3 +170,41 @@ def test_onnx_runtime_encoder_follows_the_loaded_weights():
         assert torch.allclose(encoder(images), expected_other, atol=1e-4)
     with pytest.raises(ValueError, match="encoder_runtime must be one of"):
         encoder.use_runtime("tensorrt")
+
+
+def _collect_inherited_encoder_then_encode(state: dict, images: torch.Tensor, expected: torch.Tensor) -> None:
+    import gc
+
+    gc.collect()  # frees the parent's encoder, inherited as garbage, and with it the session it held
+    fresh = build_encoder("efficientnet-lite0", "none")
+    fresh.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(fresh.use_runtime("onnxruntime")(images), expected, atol=1e-4)
+
+
+def test_a_forked_child_outlives_the_onnx_runtime_sessions_it_inherits():
+    """A child forked after a session exists (a DataLoader worker, a DDP rank) must not wait for ever on that
+    session's threads, which stayed in the parent, when the session's encoder is collected there (measured: without
+    the fork hook of ``scripts.encoders`` this child hangs)."""
+    import gc
+
+    from conftest import run_forked
+
+    torch.manual_seed(0)
+    seeded = build_encoder("efficientnet-lite0", "none")
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = seeded(images)
+        parent = build_encoder("efficientnet-lite0", "none")
+        parent.load_state_dict(seeded.state_dict())
+        parent.use_runtime("onnxruntime")(images)  # a live session in this process
+    gc.disable()  # so that the garbage below is still there when the child is forked
+    try:
+        cycle = [parent]
+        cycle.append(cycle)  # garbage only the collector frees, as a finished workflow's network is
+        del parent, cycle
+        code = run_forked(_collect_inherited_encoder_then_encode, seeded.state_dict(), images, expected, timeout=120)
+    finally:
+        gc.enable()
+        gc.collect()
+    assert code == 0
