@@ -106,6 +106,16 @@ def _expression(path: Path) -> str:
     return f"$'{path}'"
 
 
+def _study_parser(configs: list[str], overrides: dict, output: Path):
+    """The bundle's configs with a study's overrides, writing nothing outside ``output``."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update({**overrides, "output_dir": _expression(output)})
+    return parser
+
+
 def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -> dict:
     """The values a run used, resolved by MONAI's parser from the same config files and overrides."""
     from monai.bundle import ConfigParser
@@ -373,13 +383,9 @@ def flow_probe(train, val, test, feature_norm: str, subnet: str, epochs: int, ba
 def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds: list[int], epochs: int) -> dict:
     """Which frozen features suit the flow, chosen on validation: the flow alone on each encoder's cached features,
     once per seed; mean and std of the kept epoch's validation AUC decide, test AUC is reported beside it."""
-    from monai.bundle import ConfigParser
-
     table = {}
     for encoder in encoders:
-        parser = ConfigParser()
-        parser.read_config(configs)
-        parser.update({**overrides, "encoder": encoder, "output_dir": _expression(output)})
+        parser = _study_parser(configs, {**overrides, "encoder": encoder}, output)
         splits = [_cached_features(parser, "train", "training")]
         splits += [_cached_features(parser, "validate", split) for split in ("validation", "test")]
         settings = {key: parser.get_parsed_content(key) for key in ("feature_norm", "subnet", "batch_size")}
@@ -461,11 +467,7 @@ def scoring_designs(configs, overrides, workdir: Path, output: Path) -> dict:
     """Equation (2)'s open choices re-scored from one trained model: every S_flow form x map reduction, each with
     its own normalisation, beta and threshold chosen on the validation split, then measured on the test split.
     The design with the best validation AUC is marked; the test numbers never take part in the choice."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update({**overrides, "output_dir": _expression(output)})
+    parser = _study_parser(configs, overrides, output)
     network = network_from_file(Path(workdir) / "models" / "model.pt").eval()
     designs = [(form, reduction) for form in FLOW_SCORES for reduction in REDUCTIONS]
     val_labels, val_terms = _split_terms(parser, network, "validation", designs)
@@ -532,11 +534,7 @@ def reconstruction_terms(configs, overrides, workdir: Path, output: Path) -> dic
     """Why the reconstruction term points the wrong way on a data set, and whether another residual points the
     right way: the AUC of each candidate term alone, and of the flow term combined with it by the scorer fitted on
     the validation split (z-scores, beta, threshold), then applied to test. Test values take no part in a choice."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update({**overrides, "output_dir": _expression(output)})
+    parser = _study_parser(configs, overrides, output)
     network = network_from_file(Path(workdir) / "models" / "model.pt").eval()
     val_labels, val = _reconstruction_candidates(parser, network, "validation")
     test_labels, test = _reconstruction_candidates(parser, network, "test")
@@ -573,15 +571,11 @@ def _calibrated_scores(run: Path, split: str, output: Path) -> tuple[np.ndarray,
     """A trained setting's image scores on a split, as evaluation computes them: its own configs and overrides from
     ``settings.json`` for the data, and what its model file says it is (encoder, size, preprocessing, calibration)
     for everything else, so a config changed since the run cannot re-type the model."""
-    from monai.bundle import ConfigParser
-
     settings = json.loads((run / "settings.json").read_text())
     network = network_from_file(run / "models" / "model.pt").eval()
-    parser = ConfigParser()
-    parser.read_config(settings["configs"])
     described = {key: network.settings[key] for key in ("encoder", "image_size", "in_channels")}
-    parser.update({**settings["overrides"], **described, "input_spec": network.input_spec})
-    parser.update({"output_dir": _expression(output)})
+    overrides = {**settings["overrides"], **described, "input_spec": network.input_spec}
+    parser = _study_parser(settings["configs"], overrides, output)
     labels, scores = [], []
     for images, features, batch_labels in _split_passes(parser, network, split):
         scores.append(network.score(images, features)["score"])

@@ -26,6 +26,8 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
+from .distributed import unwrapped
+
 logger = logging.getLogger(__name__)
 RESUME_PREFIX = "resume"
 _RESUME_FILE = re.compile(rf"^{RESUME_PREFIX}_checkpoint_(\d+)\.pt$")
@@ -73,7 +75,7 @@ def nonfinite_entries(state, prefix: str = "") -> list[str]:
 
 
 def _network_signature(network: torch.nn.Module) -> dict:
-    network = network.module if hasattr(network, "module") else network
+    network = unwrapped(network)
     encoder = getattr(network, "encoder", None)
     signature = {"encoder": getattr(encoder, "name", None)}
     for name in ("image_size", "in_channels"):
@@ -88,7 +90,7 @@ def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.Pa
     or that the file predates self-describing model files."""
     from .model_file import EXTRA_STATE_KEY, old_file_message
 
-    network = network.module if hasattr(network, "module") else network
+    network = unwrapped(network)
     expected_state = network.state_dict()
     described = [k for k in expected_state if k.endswith(EXTRA_STATE_KEY)]
     if described and not any(k.endswith(EXTRA_STATE_KEY) for k in state):

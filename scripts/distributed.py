@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Sequence
 
 
+def unwrapped(network):
+    """The network itself, not its DistributedDataParallel wrapper (the network's own methods live there)."""
+    return network.module if hasattr(network, "module") else network
+
+
 def check_world_size(items: Sequence, world_size: int) -> int:
     """Stop before training when there are fewer training items than processes.
 

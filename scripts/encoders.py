@@ -95,9 +95,7 @@ class FrozenEncoder(nn.Module):
 
     def use_runtime(self, runtime: str) -> "FrozenEncoder":
         """Run the features through PyTorch (``torch``, what training and evaluation use) or ONNX Runtime."""
-        if runtime not in ENCODER_RUNTIMES:
-            raise ValueError(f"encoder_runtime must be one of {ENCODER_RUNTIMES}, got {runtime!r}.")
-        if runtime == "onnxruntime":
+        if checked_runtime(runtime) == "onnxruntime":
             import onnxruntime  # noqa: F401  (a clear ImportError now rather than at the first image)
         self.runtime = runtime
         self._sessions = {}
@@ -282,10 +280,15 @@ def build_encoder(name: str = "efficientnet-lite0", weights: str = "imagenet") -
     return encoder
 
 
-def use_encoder_runtime(network: nn.Module, runtime: str) -> None:
-    """Every frozen encoder inside ``network`` on ``runtime`` (a network with none, the GANs, is left as it is)."""
+def checked_runtime(runtime: str) -> str:
     if runtime not in ENCODER_RUNTIMES:
         raise ValueError(f"encoder_runtime must be one of {ENCODER_RUNTIMES}, got {runtime!r}.")
+    return runtime
+
+
+def use_encoder_runtime(network: nn.Module, runtime: str) -> None:
+    """Every frozen encoder inside ``network`` on ``runtime`` (a network with none, the GANs, is left as it is)."""
+    checked_runtime(runtime)
     for module in network.modules():
         if isinstance(module, FrozenEncoder):
             module.use_runtime(runtime)

@@ -23,6 +23,7 @@ from monai.engines.utils import IterationEvents
 from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 
+from .distributed import unwrapped
 from .preprocessing import scored_slices
 
 logger = logging.getLogger(__name__)
@@ -76,10 +77,6 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, schedule: str = "constant", e
             raise ValueError(f"lr_schedule 'cosine' needs epochs >= 1, got {epochs}.")
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=int(epochs))
     raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {schedule!r}.")
-
-
-def _unwrap(network: torch.nn.Module) -> torch.nn.Module:
-    return network.module if hasattr(network, "module") else network
 
 
 def _batch_tensors(engine, batchdata: dict, image_key: str, features_key: str):
@@ -199,15 +196,15 @@ class BaselineTrainer(AEFlowTrainer):
             )
         self.d_optimizer = d_optimizer
         self.d_steps = int(d_steps)
-        if hasattr(_unwrap(self.network), "pretrain"):
+        if hasattr(unwrapped(self.network), "pretrain"):
             self.add_event_handler(Events.STARTED, self._pretrain)
 
     def _pretrain(self, engine) -> None:
-        _unwrap(engine.network).pretrain(engine)
+        unwrapped(engine.network).pretrain(engine)
 
     def _iteration(self, engine, batchdata: dict) -> dict:
         images, features = _batch_tensors(engine, batchdata, self.image_key, self.features_key)
-        network = _unwrap(engine.network)
+        network = unwrapped(engine.network)
         engine.network.train()
         output = {"image": images}
         if self.d_optimizer is not None and hasattr(network, "discriminator_losses"):
@@ -254,7 +251,7 @@ class AnomalyInferer(Inferer):
 
     @staticmethod
     def network_of(network: torch.nn.Module) -> torch.nn.Module:
-        network = _unwrap(network)
+        network = unwrapped(network)
         if not hasattr(network, "score"):
             raise TypeError(
                 f"AnomalyInferer scores with the bundle's AE-FLOW network (models/model.pt), got a "
@@ -292,7 +289,7 @@ class AnomalyInferer(Inferer):
     @staticmethod
     def prediction(result: dict, network: torch.nn.Module, like: torch.Tensor | None = None) -> MetaTensor:
         """The anomaly map as a MetaTensor carrying each batch item's image-level results."""
-        scorer = _unwrap(network).scorer
+        scorer = unwrapped(network).scorer
         pred = MetaTensor(result["anomaly_map"])
         if isinstance(like, MetaTensor):  # so that Invertd maps it back onto the input's grid
             pred.copy_meta_from(like, copy_attr=False)

@@ -11,6 +11,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from . import reports
+from .distributed import unwrapped
 from .metrics import METRICS, anomaly_metrics, validation_protocol
 from .scores import TERMS, pixel_sample, volume_score
 
@@ -135,8 +136,7 @@ class AnomalyMetricsHandler:
 
     @property
     def model(self) -> torch.nn.Module:
-        """The network itself, not its DistributedDataParallel wrapper."""
-        return self.network.module if hasattr(self.network, "module") else self.network
+        return unwrapped(self.network)
 
     @property
     def scorer(self):

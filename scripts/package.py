@@ -49,11 +49,11 @@ def build(
     output: str | Path, model: str | Path | None = None, modality: str | None = None, encoder_runtime: str | None = None
 ) -> Path:
     """Write the runtime bundle to ``output`` (which must not exist yet); returns its path."""
-    from .encoders import ENCODER_RUNTIMES
+    from .encoders import checked_runtime
     from .model_file import read_description
 
-    if encoder_runtime is not None and encoder_runtime not in ENCODER_RUNTIMES:
-        raise ValueError(f"encoder_runtime must be one of {ENCODER_RUNTIMES}, got {encoder_runtime!r}.")
+    if encoder_runtime is not None:
+        checked_runtime(encoder_runtime)
 
     output, model = Path(output), Path(model or BUNDLE_ROOT / "models" / "model.pt")
     if output.exists():
