@@ -44,6 +44,7 @@ from monai.utils import convert_to_tensor
 from sklearn.metrics import roc_auc_score
 
 from . import reports
+from .ensemble import combined
 from .metrics import anomaly_metrics
 from .model_file import network_from_file
 from .scores import FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
@@ -596,7 +597,7 @@ def ensemble(runs: list[Path], output: Path) -> dict:
             raise ValueError(f"The runs did not score the same {split} items in the same order: {table['runs']}.")
         for run, (_, scores) in members.items():
             table["members"].setdefault(run, {})[f"{split}_auc"] = float(roc_auc_score(labels, scores))
-        means[split] = float(roc_auc_score(labels, np.mean([scores for _, scores in members.values()], axis=0)))
+        means[split] = float(roc_auc_score(labels, combined([scores for _, scores in members.values()]).numpy()))
     table["ensemble"] = {"validation_auc": means["validation"], "test_auc": means["test"]}
     reports.write_json(output / "ensemble.json", table)
     for name, row in {**table["members"], "ensemble": table["ensemble"]}.items():
@@ -604,7 +605,7 @@ def ensemble(runs: list[Path], output: Path) -> dict:
     return table
 
 
-def _overrides(pairs: list[str]) -> dict:
+def parse_overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
         key, _, value = pair.partition("=")
@@ -645,7 +646,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--purpose", default="", help="record: why the run was made, and what it is not")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tables this command prints
-    output, overrides = Path(args.output), _overrides(args.set)
+    output, overrides = Path(args.output), parse_overrides(args.set)
     if args.kind in ("scoring", "reconstruction", "record") and not args.run:
         parser.error(f"{args.kind} needs --run")
     if args.kind == "ensemble" and not args.runs:

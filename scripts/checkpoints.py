@@ -99,10 +99,15 @@ def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.Pa
     found = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor) and k not in described}
     if len(found) != len(state) - len(described) or not found:
         raise CheckpointError(f"Checkpoint {path} is not a network state dict (it has non-tensor entries or none).")
-    variable = tuple(getattr(network, "variable_shape_entries", ()))  # e.g. a memory bank, sized by its data
+    # entries sized by their data (a memory bank), of the network or of a member of an ensemble
+    variable = {
+        f"{name}.{entry}" if name else entry
+        for name, module in network.named_modules()
+        for entry in getattr(module, "variable_shape_entries", ())
+    }
 
     def sized_by_data(key: str) -> bool:  # present on both sides; its size may differ
-        return bool(variable) and key in expected and key in found and key.endswith(variable)
+        return key in variable and key in expected and key in found
 
     differing = sorted(
         k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k) and not sized_by_data(k)

@@ -65,7 +65,7 @@ def decode(state) -> dict:
     return state
 
 
-def _comparable(key: str, value):
+def comparable(key: str, value):
     """The form a setting is stored in: ``image_size`` 256 is [256, 256], an ``input_spec`` has its defaults."""
     from .preprocessing import resolve_spec
 
@@ -85,7 +85,7 @@ def differences(saved: Mapping, wanted: Mapping, accepted=()) -> list[str]:
         if value is not None
         and key not in NOT_COMPARED
         and key not in accepted
-        and _comparable(key, found.get(key)) != _comparable(key, value)
+        and comparable(key, found.get(key)) != comparable(key, value)
     ]
 
 

@@ -29,28 +29,36 @@ SMALL = {"image_size": TINY_OVERRIDES["image_size"], "flow_blocks": TINY_OVERRID
 IMAGE_SPEC = {"kind": "image", "reader": "PILReader", "reader_args": {"reverse_indexing": False}}
 
 
-def _save_model(path, references, input_spec=None):
-    """A small model file calibrated on the ``references`` (files) as validation would: term statistics, and
-    thresholds inside the range of their scores and map values."""
+def _set_thresholds(net, references):
+    """Thresholds inside the range of the ``references``' scores and map values, as validation would set them."""
     from scripts.engines import AnomalyInferer
-    from scripts.networks import AEFlow
     from scripts.preprocessing import input_transforms
 
-    torch.manual_seed(0)
-    np.random.seed(0)  # FrEIA draws its channel permutations with NumPy
-    net = AEFlow(**SMALL, input_spec=input_spec).eval()
+    preprocessing = input_transforms(net.input_spec, net.image_size, net.in_channels)
     with torch.no_grad():
-        for p in net.trainable_parameters():
-            p.add_(0.05 * torch.randn_like(p))
-        preprocessing = input_transforms(net.input_spec, net.image_size, 1)
-        results = [AnomalyInferer().score(preprocessing({"image": str(f)})["image"][None], net) for f in references]
-        for row, term in enumerate(("score_flow", "score_recon")):
-            values = torch.cat([r[term].flatten() for r in results])
-            net.scorer.term_stats[row] = torch.stack([values.mean(), values.std()])
         results = [AnomalyInferer().score(preprocessing({"image": str(f)})["image"][None], net) for f in references]
         maps = torch.cat([r["anomaly_map"].flatten() for r in results])
         net.scorer.threshold.fill_(float(torch.cat([r["score"].flatten() for r in results]).median()))
         net.scorer.pixel_threshold.fill_(float(torch.quantile(maps[torch.isfinite(maps)], 0.9)))
+    return results
+
+
+def _save_model(path, references, input_spec=None, seed=0):
+    """A small model file calibrated on the ``references`` (files) as validation would: term statistics, and
+    thresholds inside the range of their scores and map values."""
+    from scripts.networks import AEFlow
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # FrEIA draws its channel permutations with NumPy
+    net = AEFlow(**SMALL, input_spec=input_spec).eval()
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        results = _set_thresholds(net, references)
+        for row, term in enumerate(("score_flow", "score_recon")):
+            values = torch.cat([r[term].flatten() for r in results])
+            net.scorer.term_stats[row] = torch.stack([values.mean(), values.std()])
+    _set_thresholds(net, references)  # again, in the calibrated units
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), path)
     return path
@@ -407,22 +415,52 @@ def test_deploy_app_scores_a_volume_as_the_bundle_does(small_bundle, volume, nib
     np.testing.assert_array_equal(app_mask[~near], bundle_mask[~near])
 
 
+def _app_scores_one_image_as_the_bundle(bundle_root, bundle, image, tmp_path, atol=1e-5, app_bundle=None):
+    """The Deploy app (on ``app_bundle``, default ``bundle``) on one 2D image against the bundle's own inference:
+    the same score, and map and mask PNGs within one grey level; returns the bundle's report."""
+    single = tmp_path / "in"
+    single.mkdir()
+    shutil.copy(image, single / image.name)
+    _infer(bundle, single, tmp_path / "bundle_out")
+    assert run_forked(_run_app, bundle_root, app_bundle or bundle, single, tmp_path / "app_out") == 0
+    report = json.loads((tmp_path / "app_out" / f"{image.stem}_scores.json").read_text())
+    expected = json.loads((tmp_path / "bundle_out" / f"{image.stem}_scores.json").read_text())
+    assert report["score"] == pytest.approx(expected["score"], abs=atol)
+    for kind in ("map", "mask"):
+        app_png = np.asarray(PILImage.open(tmp_path / "app_out" / f"{image.stem}_anomaly_{kind}.png"))
+        bundle_png = np.asarray(PILImage.open(tmp_path / "bundle_out" / f"{image.stem}_anomaly_{kind}.png"))
+        assert np.abs(app_png.astype(int) - bundle_png.astype(int)).max() <= 1, kind
+    return expected
+
+
 def test_deploy_app_scores_a_2d_image_as_the_bundle_does(image_bundle, tmp_path, bundle_root):
     pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (.ci/run installs it)")
     bundle, images = image_bundle
-    single = tmp_path / "in"
-    single.mkdir()
-    shutil.copy(images[0], single / images[0].name)
-    _infer(bundle, single, tmp_path / "bundle_out")
-    assert run_forked(_run_app, bundle_root, bundle, single, tmp_path / "app_out") == 0
-    stem = images[0].stem
-    report = json.loads((tmp_path / "app_out" / f"{stem}_scores.json").read_text())
-    expected = json.loads((tmp_path / "bundle_out" / f"{stem}_scores.json").read_text())
-    assert report["score"] == pytest.approx(expected["score"], abs=1e-5)
-    for kind in ("map", "mask"):
-        app_png = np.asarray(PILImage.open(tmp_path / "app_out" / f"{stem}_anomaly_{kind}.png"))
-        bundle_png = np.asarray(PILImage.open(tmp_path / "bundle_out" / f"{stem}_anomaly_{kind}.png"))
-        assert np.abs(app_png.astype(int) - bundle_png.astype(int)).max() <= 1, kind
+    _app_scores_one_image_as_the_bundle(bundle_root, bundle, images[0], tmp_path)
+
+
+def test_deploy_app_scores_an_ensemble_model_as_the_bundle_does(image_bundle, tmp_path, bundle_root):
+    """An ensemble file (``scripts.ensemble``) packaged like any model: the app and the bundle score the mean of
+    the members' calibrated scores."""
+    pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (.ci/run installs it)")
+    from scripts.engines import AnomalyInferer
+    from scripts.ensemble import ensemble_of
+    from scripts.package import build
+    from scripts.preprocessing import input_transforms
+
+    bundle, images = image_bundle
+    members = [bundle / "models" / "model.pt", _save_model(tmp_path / "second" / "model.pt", images, IMAGE_SPEC, 1)]
+    ensemble = ensemble_of(members).eval()
+    _set_thresholds(ensemble, images)
+    torch.save(ensemble.state_dict(), tmp_path / "ensemble_source.pt")
+    ensemble_bundle = build(tmp_path / "aeflow_ensemble", tmp_path / "ensemble_source.pt")
+    expected = _app_scores_one_image_as_the_bundle(bundle_root, ensemble_bundle, images[0], tmp_path)
+    preprocessing = input_transforms(ensemble.input_spec, ensemble.image_size, ensemble.in_channels)
+    image = preprocessing({"image": str(images[0])})["image"][None]
+    with torch.no_grad():
+        scores = [float(AnomalyInferer().score(image, member)["score"]) for member in ensemble.members]
+    assert scores[0] != pytest.approx(scores[1], abs=1e-3)  # two different detectors
+    assert expected["score"] == pytest.approx(sum(scores) / 2, abs=1e-5)
 
 
 def test_deploy_app_runs_the_packaged_onnx_runtime_encoder(image_bundle, tmp_path, bundle_root, capfd):
@@ -434,17 +472,9 @@ def test_deploy_app_runs_the_packaged_onnx_runtime_encoder(image_bundle, tmp_pat
     bundle, images = image_bundle
     ort_bundle = build(tmp_path / "aeflow_ort", bundle / "models" / "model.pt", encoder_runtime="onnxruntime")
     assert json.loads((ort_bundle / "configs" / "inference.json").read_text())["encoder_runtime"] == "onnxruntime"
-    single = tmp_path / "in"
-    single.mkdir()
-    shutil.copy(images[0], single / images[0].name)
-    _infer(bundle, single, tmp_path / "bundle_out")
     capfd.readouterr()
-    assert run_forked(_run_app, bundle_root, ort_bundle, single, tmp_path / "app_out") == 0
+    _app_scores_one_image_as_the_bundle(bundle_root, bundle, images[0], tmp_path, atol=1e-4, app_bundle=ort_bundle)
     assert "exported to ONNX Runtime" in "".join(capfd.readouterr())
-    stem = images[0].stem
-    report = json.loads((tmp_path / "app_out" / f"{stem}_scores.json").read_text())
-    expected = json.loads((tmp_path / "bundle_out" / f"{stem}_scores.json").read_text())
-    assert report["score"] == pytest.approx(expected["score"], abs=1e-4)
     with pytest.raises(ValueError, match="encoder_runtime must be one of"):
         build(tmp_path / "refused", bundle / "models" / "model.pt", encoder_runtime="tensorrt")
     assert not (tmp_path / "refused").exists()

@@ -56,11 +56,30 @@ def _patchcore_model(bundle_root, data: Path, work: Path) -> Path:
     return work / "patchcore" / "model.pt"
 
 
-@pytest.fixture(scope="module", params=["ae-flow", "patchcore", "ae-flow-onnxruntime"])
+def _ensemble_model(bundle_root, data: Path, work: Path) -> Path:
+    """An ensemble file (``scripts.ensemble``) of the demo model and a PatchCore model, calibrated on the demo's
+    validation slices by ``configs/ensemble.json``."""
+    members = [str(bundle_root / "models" / "model.pt"), str(_patchcore_model(bundle_root, data, work))]
+    override = {"bundle_root": str(bundle_root), "dataset_dir": str(data), "ckpt_dir": str(work / "ensemble")}
+    workflow = bundle_workflow(
+        bundle_root,
+        ["train.json", "ensemble.json"],
+        "train",
+        output_dir=str(work / "eval"),
+        **override,
+        ensemble_members=members,
+    )
+    workflow.run()
+    workflow.finalize()
+    return work / "ensemble" / "model.pt"
+
+
+@pytest.fixture(scope="module", params=["ae-flow", "patchcore", "ae-flow-onnxruntime", "ensemble"])
 def server(request, bundle_root, tmp_path_factory):
     """The server with the README's runtime bundle of the demo model, then of a comparison method's model (the
     model file names its method, so the same bundle code serves both), then of the demo model packaged with its
-    encoder on ONNX Runtime (``scripts.package --encoder-runtime onnxruntime``)."""
+    encoder on ONNX Runtime (``scripts.package --encoder-runtime onnxruntime``), then of an ensemble of the demo
+    model and the PatchCore model."""
     from scripts.package import build
     from scripts.synthetic import prepare_default_dataset
 
@@ -72,7 +91,8 @@ def server(request, bundle_root, tmp_path_factory):
         [MONAILABEL, "apps", "--download", "--name", "monaibundle", "--output", str(apps)], env=env, check=True
     )
     data = prepare_default_dataset(work / "synthetic_brain")
-    model = _patchcore_model(bundle_root, work / "synthetic_brain", work) if request.param == "patchcore" else None
+    model = {"patchcore": _patchcore_model, "ensemble": _ensemble_model}.get(request.param)
+    model = model(bundle_root, work / "synthetic_brain", work) if model else None
     runtime = "onnxruntime" if request.param.endswith("onnxruntime") else None
     build(apps / "monaibundle" / "model" / "aeflow_anomaly", model, encoder_runtime=runtime)  # the README's bundle
     studies = work / "studies"

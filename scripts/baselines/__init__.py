@@ -21,6 +21,7 @@ METHODS = {
     "differnet": "scripts.baselines.differnet:DifferNet",
     "ganomaly": "scripts.baselines.ganomaly:GANomaly",
     "f-anogan": "scripts.baselines.fanogan:FAnoGAN",
+    "ensemble": "scripts.ensemble:Ensemble",
 }
 
 

@@ -1,0 +1,158 @@
+"""An ensemble of trained models as one self-describing model (``scripts.ensemble``): assembled by the training
+workflow with ``configs/ensemble.json``, it scores the mean of its members' calibrated scores in evaluation, and
+the bundle's inference (what MONAI Deploy and MONAI Label run, on PyTorch or ONNX Runtime) scores exactly what
+evaluation scored; members that cannot share one input are refused, naming the setting."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import bundle_workflow, tiny_run_override
+from monai.utils import convert_to_tensor
+from scripts.ensemble import Ensemble, ensemble_of
+from scripts.model_file import ModelMismatchError, decode, network_from_file, read_description
+from scripts.networks import AEFlow
+
+SEEDS = (1, 2)
+
+
+def _run(root, configs, **override):
+    workflow = bundle_workflow(root, configs, "train", **override)
+    workflow.run()
+    workflow.finalize()
+    return workflow
+
+
+@pytest.fixture(scope="module")
+def assembled(bundle_root, tiny_dataset, tmp_path_factory):
+    """Two tiny AE-FLOW runs of different seeds, their ensemble assembled and calibrated on validation, then
+    evaluated on test; returns the folders and the evaluation workflow."""
+    work = tmp_path_factory.mktemp("ensemble")
+    members = []
+    for seed in SEEDS:
+        _run(
+            bundle_root,
+            ["train.json"],
+            **tiny_run_override(bundle_root, tiny_dataset, work / f"seed_{seed}"),
+            seed=seed,
+        )
+        members.append(work / f"seed_{seed}" / "models" / "model.pt")
+    override = tiny_run_override(bundle_root, tiny_dataset, work / "ensemble")
+    for key in ("image_size", "flow_blocks"):  # the members' own: the ensemble takes them from their files
+        override.pop(key)
+    _run(bundle_root, ["train.json", "ensemble.json"], **override, ensemble_members=[str(m) for m in members])
+    evaluation = _run(bundle_root, ["train.json", "evaluate.json"], **override)
+    return work, members, evaluation
+
+
+def _scores(path: Path) -> dict[str, float]:
+    with open(path) as f:
+        return {Path(row["name"]).name: float(row["score"]) for row in csv.DictReader(f)}
+
+
+def test_assembled_ensemble_describes_its_members_and_is_calibrated(assembled):
+    work, members, _ = assembled
+    model_file = work / "ensemble" / "models" / "model.pt"
+    description = read_description(model_file)
+    assert description["method"] == "ensemble"
+    assert description["network"]["members"] == [{"method": "ae-flow", **read_description(m)} for m in members]
+    network = network_from_file(model_file)
+    assert type(network) is Ensemble and len(network.members) == 2
+    assert torch.isfinite(network.scorer.threshold) and torch.isfinite(network.scorer.pixel_threshold)
+    for member, path in zip(network.members, members):  # each member keeps its own weights and calibration
+        torch.testing.assert_close(member.state_dict(), network_from_file(path).state_dict(), rtol=0, atol=0)
+    assert (work / "ensemble" / "eval" / "val_kept_metrics.json").is_file()
+
+
+def test_evaluation_scores_the_mean_of_the_members_calibrated_scores(assembled):
+    work, members, evaluation = assembled
+    evaluated = _scores(work / "ensemble" / "eval" / "test_scores.csv")
+    batch = next(iter(evaluation.parser.get_parsed_content("validate#dataloader")))
+    images = convert_to_tensor(batch["image"], track_meta=False)
+    names = [f"{Path(n).name}#slice={int(s)}" for n, s in zip(batch["image"].meta["filename_or_obj"], batch["slice"])]
+    with torch.no_grad():
+        member_scores = [network_from_file(path).eval().score(images)["score"] for path in members]
+    assert not torch.allclose(member_scores[0], member_scores[1])  # two different detectors
+    expected = (member_scores[0] + member_scores[1]) / 2
+    torch.testing.assert_close(torch.tensor([evaluated[n] for n in names]), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_inference_scores_what_evaluation_scored(assembled, bundle_root, tiny_dataset, runtime):
+    work, _, _ = assembled
+    out = work / f"inference_{runtime}"
+    override = {"bundle_root": str(bundle_root), "ckpt_dir": str(work / "ensemble" / "models"), "output_dir": str(out)}
+    override.update(dataset_dir=str(tiny_dataset / "volumes"), input_glob="test_*_flair.nii.gz")
+    workflow = bundle_workflow(bundle_root, ["inference.json"], "infer", encoder_runtime=runtime, **override)
+    workflow.run()
+    workflow.finalize()
+    inferred = _scores(out / "scores.csv")
+    evaluated = _scores(work / "ensemble" / "eval" / "test_scores.csv")
+    assert evaluated and set(evaluated) <= set(inferred)
+    tolerance = 0.0 if runtime == "torch" else 1e-4  # PyTorch: the same computation, bit for bit
+    for name, value in evaluated.items():
+        assert inferred[name] == pytest.approx(value, abs=tolerance, rel=0), name
+
+
+def _description(**settings) -> dict:
+    return decode(AEFlow(encoder_weights="none", flow_blocks=2, **settings).get_extra_state())
+
+
+def test_members_that_cannot_share_one_input_are_refused_naming_the_setting():
+    with pytest.raises(ModelMismatchError, match=r"image_size: member 0 has \[64, 64\], member 1 has \[128, 128\]"):
+        Ensemble([_description(image_size=64), _description(image_size=128)])
+    with pytest.raises(ModelMismatchError, match="input_spec"):
+        Ensemble([_description(image_size=64), _description(image_size=64, input_spec={"kind": "image"})])
+    with pytest.raises(ValueError, match="at least two member models, got 1"):
+        Ensemble([_description(image_size=64)])
+    with pytest.raises(ModelMismatchError, match="no AE-FLOW model description"):
+        Ensemble([_description(image_size=64), {"weights": 1}])
+    with pytest.raises(TypeError, match="a list of model files, got one path"):
+        ensemble_of("models/model.pt")
+
+
+def test_an_ensemble_file_whose_rule_was_edited_is_refused():
+    members = [_description(image_size=64)] * 2
+    with pytest.raises(ModelMismatchError, match="beta 0.5"):
+        Ensemble(members, beta=0.5)
+    with pytest.raises(ModelMismatchError, match=r"image_size 128 \(members: \[64, 64\]\)"):
+        Ensemble(members, image_size=128)
+    Ensemble(members, image_size=64, in_channels=1, beta=1.0, score_normalization="none")  # as a file stores them
+
+
+def test_an_ensemble_cannot_be_fed_cached_features():
+    network = Ensemble([_description(image_size=64)] * 2)
+    with pytest.raises(TypeError, match="cache_features: false"):
+        network.score(torch.rand(1, 1, 64, 64), features=torch.rand(1, 112, 4, 4))
+
+
+def test_one_command_trains_the_members_assembles_and_evaluates_them_and_reuses_finished_steps(
+    bundle_root, tiny_dataset, tmp_path
+):
+    from conftest import TINY_OVERRIDES
+    from scripts import ensemble
+
+    settings = [
+        f"{key}={json.dumps(value)}" for key, value in {**TINY_OVERRIDES, "dataset_dir": str(tiny_dataset)}.items()
+    ]
+    argv = ["--configs", str(bundle_root / "configs" / "train.json"), "--output", str(tmp_path)]
+    argv += ["--encoders", "efficientnet-lite0", "efficientnet-lite1"]
+    for setting in settings:
+        argv += ["--set", setting]
+    assert ensemble.main(argv) == 0
+    table = json.loads((tmp_path / "ensemble.json").read_text())
+    assert list(table) == ["efficientnet-lite0", "efficientnet-lite1", "ensemble"]
+    model_file = tmp_path / "ensemble" / "models" / "model.pt"
+    members = read_description(model_file)["network"]["members"]
+    assert [member["network"]["encoder"] for member in members] == ["efficientnet-lite0", "efficientnet-lite1"]
+    evaluated = json.loads((tmp_path / "ensemble" / "eval" / "test_metrics.json").read_text())
+    assert table["ensemble"]["test_auc"] == evaluated["paper_protocol"]["auc"]
+    stamp = model_file.stat().st_mtime_ns
+    assert ensemble.main(argv) == 0  # every step finished: reused, nothing retrained
+    assert model_file.stat().st_mtime_ns == stamp
+    with pytest.raises(ValueError, match="at least two different encoders"):
+        ensemble.train_ensemble([], {}, tmp_path, ["efficientnet-lite0", "efficientnet-lite0"])
