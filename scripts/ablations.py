@@ -54,6 +54,7 @@ ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BETAS = tuple(round(0.1 * k, 1) for k in range(11))
 SUBNETS = ("cnn2", "resnet")
 RECON_LOSSES = ("mse", "ssim")
+ENSEMBLE_RECORDED_KEYS = ("ensemble_members", "mask_quantile", "seed")
 PROTOCOLS = ("paper_protocol", "deployment_protocol", "validation_protocol")
 RECORDED_KEYS = (
     "encoder",
@@ -118,12 +119,15 @@ def _study_parser(configs: list[str], overrides: dict, output: Path):
 
 
 def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -> dict:
-    """The values a run used, resolved by MONAI's parser from the same config files and overrides."""
+    """The values a run used, resolved by MONAI's parser from the same config files and overrides (for an
+    ensemble's assembly, ``configs/ensemble.json``: its members, whose files hold their own settings)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(configs)
     parser.update(overrides)
+    if parser.get("ensemble_members"):
+        keys = ENSEMBLE_RECORDED_KEYS
     return {key: parser.get_parsed_content(key) for key in keys if key in parser}
 
 
@@ -597,7 +601,9 @@ def ensemble(runs: list[Path], output: Path) -> dict:
             raise ValueError(f"The runs did not score the same {split} items in the same order: {table['runs']}.")
         for run, (_, scores) in members.items():
             table["members"].setdefault(run, {})[f"{split}_auc"] = float(roc_auc_score(labels, scores))
-        means[split] = float(roc_auc_score(labels, combined([scores for _, scores in members.values()]).numpy()))
+        means[split] = float(
+            roc_auc_score(labels, combined([torch.from_numpy(scores) for _, scores in members.values()]).numpy())
+        )
     table["ensemble"] = {"validation_auc": means["validation"], "test_auc": means["test"]}
     reports.write_json(output / "ensemble.json", table)
     for name, row in {**table["members"], "ensemble": table["ensemble"]}.items():

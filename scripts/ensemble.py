@@ -42,7 +42,7 @@ SHARED_INPUT = ("image_size", "in_channels")
 
 def combined(values: Sequence[torch.Tensor]) -> torch.Tensor:
     """The ensemble's rule, for scores and maps alike: the mean of the members' calibrated values."""
-    return torch.stack([torch.as_tensor(value) for value in values]).mean(dim=0)
+    return torch.stack(list(values)).mean(dim=0)
 
 
 def _member_network(description: Mapping) -> nn.Module:

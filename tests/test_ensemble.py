@@ -149,6 +149,9 @@ def test_one_command_trains_the_members_assembles_and_evaluates_them_and_reuses_
     model_file = tmp_path / "ensemble" / "models" / "model.pt"
     members = read_description(model_file)["network"]["members"]
     assert [member["network"]["encoder"] for member in members] == ["efficientnet-lite0", "efficientnet-lite1"]
+    recorded = json.loads((tmp_path / "ensemble" / "settings.json").read_text())
+    assert recorded["ensemble_members"] == [str(tmp_path / e / "models" / "model.pt") for e in table if e != "ensemble"]
+    assert "encoder" not in recorded  # the members' files hold their settings; the configs' would mislead
     evaluated = json.loads((tmp_path / "ensemble" / "eval" / "test_metrics.json").read_text())
     assert table["ensemble"]["test_auc"] == evaluated["paper_protocol"]["auc"]
     stamp = model_file.stat().st_mtime_ns
@@ -156,3 +159,26 @@ def test_one_command_trains_the_members_assembles_and_evaluates_them_and_reuses_
     assert model_file.stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="at least two different encoders"):
         ensemble.train_ensemble([], {}, tmp_path, ["efficientnet-lite0", "efficientnet-lite0"])
+
+
+def test_traced_export_of_an_ensemble_gives_its_anomaly_map(assembled, bundle_root):
+    """``ckpt_export`` as the README runs it, on an ensemble file: the traced forward is the eager ensemble's map."""
+    from monai.bundle import ckpt_export
+
+    work, _, _ = assembled
+    model_file = work / "ensemble" / "models" / "model.pt"
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(work / "ensemble.ts"),
+        ckpt_file=str(model_file),
+        meta_file=str(bundle_root / "configs" / "metadata.json"),
+        config_file=str(bundle_root / "configs" / "inference.json"),
+        bundle_root=str(bundle_root),
+        model_file=str(model_file),
+        use_trace=True,
+        input_shape=[1, 1, 64, 64],
+    )
+    traced, network = torch.jit.load(str(work / "ensemble.ts")), network_from_file(model_file).eval()
+    image = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(traced(image), network(image), rtol=1e-5, atol=1e-5)
