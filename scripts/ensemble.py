@@ -156,7 +156,6 @@ def ensemble_of(model_files: Sequence[str | os.PathLike], mask_quantile: float =
 
 
 DEFAULT_ENCODERS = ("efficientnet-lite0", "efficientnet-lite2")
-ENSEMBLE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "ensemble.json"
 
 
 def train_ensemble(configs: list[str], overrides: dict, output: Path, encoders: Sequence[str] = DEFAULT_ENCODERS):
@@ -175,7 +174,8 @@ def train_ensemble(configs: list[str], overrides: dict, output: Path, encoders: 
         run_or_reuse(list(configs), {**overrides, "encoder": encoder}, folders[encoder])
     members = [str(folders[encoder] / "models" / "model.pt") for encoder in encoders]
     folders["ensemble"] = output / "ensemble"
-    run_or_reuse([*configs, str(ENSEMBLE_CONFIG)], {**overrides, "ensemble_members": members}, folders["ensemble"])
+    assembly = str(Path(configs[0]).with_name("ensemble.json"))  # beside the bundle's train.json
+    run_or_reuse([*configs, assembly], {**overrides, "ensemble_members": members}, folders["ensemble"])
     table = {}
     for name, folder in folders.items():
         test = json.loads((folder / "eval" / "test_metrics.json").read_text())["paper_protocol"]

@@ -92,6 +92,10 @@ def test_shipped_chest_xray_model_is_the_recorded_run(bundle_root):
     assert len(record["settings"]["ensemble_members"]) == 2
     assert network.scorer.beta == record["scorer"]["beta"]
     assert float(network.scorer.threshold) == pytest.approx(record["scorer"]["threshold"])
+    # the single Lite0 model (half the inference time) is the run of its own record
+    single = json.loads((bundle_root / "docs" / "results" / "chest_xray_lite0.json").read_text())
+    single_file = bundle_root / "models" / "chest_xray_lite0" / "model.pt"
+    assert hashlib.md5(single_file.read_bytes()).hexdigest() == single["model_md5"]
 
 
 CHEST_XRAY = SHARED / "data" / "chest_xray_kermany"
