@@ -196,6 +196,8 @@ class BaselineTrainer(AEFlowTrainer):
             )
         self.d_optimizer = d_optimizer
         self.d_steps = int(d_steps)
+        if self.optimizer is None:  # nothing to optimise (PatchCore, an ensemble's assembly): MONAI's MLFlowHandler
+            del self.optimizer  # logs the learning rate of any engine that has an `optimizer` attribute
         if hasattr(unwrapped(self.network), "pretrain"):
             self.add_event_handler(Events.STARTED, self._pretrain)
 
@@ -215,13 +217,14 @@ class BaselineTrainer(AEFlowTrainer):
                     break
                 self._step(engine, parts["loss"], self.d_optimizer, "discriminator")
                 output.update({f"d_{k}": v.detach() for k, v in parts.items()})
-        if engine.optimizer is not None:
-            engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        optimizer = getattr(engine, "optimizer", None)
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         parts = network.training_losses(images, features)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         if parts is not None:
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
-            self._step(engine, parts["loss"], engine.optimizer, "training")
+            self._step(engine, parts["loss"], optimizer, "training")
             output.update({k: v.detach() for k, v in parts.items()})
         for key in ("loss", "loss_flow", "loss_recon"):  # the keys train.json's StatsHandler and MLflow log
             output.setdefault(key, images.new_zeros(()))

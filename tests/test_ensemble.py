@@ -182,3 +182,23 @@ def test_traced_export_of_an_ensemble_gives_its_anomaly_map(assembled, bundle_ro
     image = torch.rand(2, 1, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(traced(image), network(image), rtol=1e-5, atol=1e-5)
+
+
+def test_assembly_and_evaluation_are_tracked_in_mlflow(assembled, bundle_root, tiny_dataset, tmp_path):
+    """``--tracking mlflow`` on the assembly and on its evaluation: each run records the members and the metrics."""
+    from mlflow.tracking import MlflowClient
+
+    _, members, _ = assembled
+    override = tiny_run_override(bundle_root, tiny_dataset, tmp_path, output_dir=f"$'{tmp_path / 'eval'}'")
+    for key in ("image_size", "flow_blocks"):
+        override.pop(key)
+    extra = {"tracking": "mlflow", "ensemble_members": [str(m) for m in members]}
+    _run(bundle_root, ["train.json", "ensemble.json"], **override, **extra)
+    _run(bundle_root, ["train.json", "evaluate.json"], **override, tracking="mlflow")
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/eval/mlruns.db")
+    runs = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])
+    assembly, evaluation = sorted(runs, key=lambda run: run.info.start_time)
+    assert assembly.data.params["method"] == "ensemble"
+    assert assembly.data.params["members"] == str([str(m) for m in members]) and "val_auc" in assembly.data.metrics
+    assert "efficientnet-lite0" in evaluation.data.params["members"]  # the file's own description of its members
+    assert "test_auc" in evaluation.data.metrics

@@ -59,11 +59,14 @@ def test_local_sqlite_store(bundle_root, tiny_dataset, tmp_path):
     _check_run(MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/eval/mlruns.db"))
 
 
-def test_comparison_method_is_tracked_like_ae_flow(bundle_root, tiny_dataset, tmp_path):
-    _train_tracked(bundle_root, tiny_dataset, tmp_path, configs=("train.json", "baseline_differnet.json"))
+@pytest.mark.parametrize("method", ["differnet", "patchcore"])  # PatchCore: a trainer with nothing to optimise
+def test_comparison_method_is_tracked_like_ae_flow(bundle_root, tiny_dataset, tmp_path, method):
+    _train_tracked(bundle_root, tiny_dataset, tmp_path, configs=("train.json", f"baseline_{method}.json"))
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/eval/mlruns.db")
     (run,) = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])
-    assert run.data.params["method"] == "differnet" and run.data.params["views"] == "1"
+    assert run.data.params["method"] == method
+    if method == "differnet":
+        assert run.data.params["views"] == "1"
     for metric in ("train_loss", "loss_flow", "val_auc", "val_f1"):
         assert metric in run.data.metrics, metric
     assert "val_metrics.json" in [artifact.path for artifact in client.list_artifacts(run.info.run_id)]
