@@ -137,13 +137,19 @@ def read_description(path: str | os.PathLike) -> dict:
 
 
 def network_from_file(
-    path: str | os.PathLike, expect: Mapping | None = None, map_location=None, encoder_runtime: str = "torch"
+    path: str | os.PathLike,
+    expect: Mapping | None = None,
+    map_location=None,
+    encoder_runtime: str = "torch",
+    skip_unweighted_terms: bool = False,
 ):
     """The network a model file describes (AE-FLOW or a comparison method of ``scripts.baselines``), with its
     weights and calibration loaded (verified).
 
     ``expect`` holds settings the caller insists on; each one that is not ``None`` must equal the file's.
-    ``encoder_runtime`` runs its frozen encoder on PyTorch or ONNX Runtime (``FrozenEncoder.use_runtime``).
+    ``encoder_runtime`` runs its frozen encoder on PyTorch or ONNX Runtime (``FrozenEncoder.use_runtime``);
+    ``skip_unweighted_terms`` lets every AE-FLOW network inside it (an ensemble's members too) leave out a score
+    term of weight zero (``AEFlow.score``): the same scores, less work, for inference.
     """
     from .baselines import method_class
     from .checkpoints import load_network
@@ -164,6 +170,9 @@ def network_from_file(
         settings["encoder_weights"] = MODEL_FILE_WEIGHTS
     network = network_class(**settings, input_spec=description["input_spec"])
     use_encoder_runtime(network, encoder_runtime)
+    for module in network.modules():
+        if hasattr(module, "skip_unweighted_terms"):
+            module.skip_unweighted_terms = bool(skip_unweighted_terms)
     return load_network(network, path, map_location=map_location)
 
 

@@ -168,6 +168,7 @@ class AEFlow(AnomalyNetwork):
             else None
         )
         self.decoder = Decoder(self.encoder.out_channels, self.encoder.skip_channels, in_channels, output_activation)
+        self.skip_unweighted_terms = False  # how this process runs, not a setting (network_from_file)
         self.scorer = AnomalyScorer(
             beta=beta,
             flow_score=flow_score,
@@ -180,22 +181,33 @@ class AEFlow(AnomalyNetwork):
             mask_quantile=mask_quantile,
         )
 
-    def flow_decode(self, features: torch.Tensor) -> FlowOutput:
+    def flow_only(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(z', log|det J|) of the (normalised) frozen features."""
         features = self.feature_norm(features)
         if self.flow is None:  # flow_blocks = 0: the plain autoencoder baseline of the paper's table 1
-            z_prime, log_jac_det = features, features.new_zeros(features.shape[0])
-        else:
-            z_prime, log_jac_det = self.flow(features)
+            return features, features.new_zeros(features.shape[0])
+        return self.flow(features)
+
+    def flow_decode(self, features: torch.Tensor) -> FlowOutput:
+        z_prime, log_jac_det = self.flow_only(features)
         return FlowOutput(z_prime, log_jac_det, self.decoder(z_prime))
 
     def score(self, image: torch.Tensor, features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Everything evaluation needs from one pass: term maps, combined map, image scores, reconstruction."""
-        out = self.flow_decode(self.features_of(image, features))
-        maps = self.scorer.term_maps(out.z_prime, image, out.reconstruction)
+        """Everything evaluation needs from one pass: term maps, combined map, image scores, reconstruction.
+
+        With ``skip_unweighted_terms`` (inference) and a reconstruction term of weight zero (beta 1, as validation
+        chose on Chest X-ray), the decoder and the SSIM map are not run: the score and the map are the same to the
+        last bit, and the reconstruction, its maps and ``score_recon`` are NaN."""
+        features = self.features_of(image, features)
+        if self.skip_unweighted_terms and self.scorer.weight("recon") == 0:
+            z_prime, reconstruction = self.flow_only(features)[0], None
+        else:
+            z_prime, _, reconstruction = self.flow_decode(features)
+        maps = self.scorer.term_maps(z_prime, image, reconstruction)
         result = {f"map_{name}": value for name, value in maps.items()}
         result["anomaly_map"] = self.scorer.combine(maps)
         result.update(self.scorer.image_scores(maps))
-        result["reconstruction"] = out.reconstruction
+        result["reconstruction"] = torch.full_like(image, float("nan")) if reconstruction is None else reconstruction
         return result
 
     def forward(self, image: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor | FlowOutput:

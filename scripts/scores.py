@@ -135,10 +135,14 @@ class AnomalyScorer(nn.Module):
     def set_beta(self, beta: float) -> None:
         self.beta_value.fill_(check_weight("beta", beta))
 
-    def term_maps(self, z_prime: torch.Tensor, image: torch.Tensor, reconstruction: torch.Tensor):
-        """Both score terms as image-sized maps, plus the absolute residual used in the figures."""
+    def term_maps(self, z_prime: torch.Tensor, image: torch.Tensor, reconstruction: torch.Tensor | None):
+        """Both score terms as image-sized maps, plus the absolute residual used in the figures; without a
+        reconstruction (its term unweighted, not computed) those two maps are NaN."""
         flow = flow_score_map(z_prime, self.flow_score)
         flow = F.interpolate(flow, size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if reconstruction is None:
+            missing = torch.full_like(flow, float("nan"))
+            return {"flow": flow, "recon": missing, "residual": missing}
         recon = -ssim_map(image, reconstruction, self.data_range, self.ssim_window, self.ssim_kernel)
         residual = (image - reconstruction).abs().mean(dim=1, keepdim=True)
         return {"flow": flow, "recon": recon, "residual": residual}
@@ -149,10 +153,20 @@ class AnomalyScorer(nn.Module):
         mean, std = self.term_stats[TERMS.index(term)]
         return (value - mean) / std
 
+    def weight(self, term: str, beta: float | None = None) -> float:
+        """A term's weight in equation (2): beta for the flow term, 1 - beta for the reconstruction term."""
+        beta = float(self.beta_value if beta is None else beta)  # unrounded: zero means exactly zero
+        return beta if term == "flow" else 1.0 - beta
+
     def combine(self, terms: dict[str, torch.Tensor], beta: float | None = None) -> torch.Tensor:
-        """Equation (2) on term maps or on reduced image-level terms alike."""
+        """Equation (2) on term maps or on reduced image-level terms alike. A term of weight zero is left out,
+        not multiplied by zero (the same sum to the last bit for a finite term), so it may be NaN: not computed."""
         beta = self.beta_value if beta is None else beta
-        return beta * self.standardize("flow", terms["flow"]) + (1.0 - beta) * self.standardize("recon", terms["recon"])
+        flow = beta * self.standardize("flow", terms["flow"])
+        recon = (1.0 - beta) * self.standardize("recon", terms["recon"])
+        if self.weight("recon", beta) == 0:
+            return flow
+        return recon if self.weight("flow", beta) == 0 else flow + recon
 
     def reduce(self, score_map: torch.Tensor) -> torch.Tensor:
         return reduce_map(score_map, self.reduction, self.topk_fraction)

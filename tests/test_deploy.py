@@ -226,6 +226,34 @@ def test_2d_png_and_jpeg_score_in_inference_exactly_as_in_evaluation(image_bundl
     assert not list((tmp_path / "infer").glob("*.nii.gz"))  # NIfTI for 2D input only when asked
 
 
+def test_inference_with_a_zero_weight_term_left_out_writes_the_same_outputs(image_bundle, tmp_path):
+    """A model whose validation chose beta 1 (the shipped Chest X-ray members did): inference leaves the decoder and
+    the SSIM map out by default (``skip_unweighted_terms``) and writes the scores, maps and masks of the full
+    computation exactly; only the unweighted term's column is NaN."""
+    from scripts.model_file import network_from_file
+    from scripts.package import build
+
+    bundle, images = image_bundle
+    network = network_from_file(bundle / "models" / "model.pt")
+    network.scorer.set_beta(1.0)
+    torch.save(network.state_dict(), tmp_path / "beta_1.pt")
+    beta_1 = build(tmp_path / "aeflow_beta_1", tmp_path / "beta_1.pt")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for image in images[:3]:
+        shutil.copy(image, folder / image.name)
+    _infer(beta_1, folder, tmp_path / "skipped")  # the default
+    _infer(beta_1, folder, tmp_path / "full", skip_unweighted_terms=False)
+    skipped, full = _csv(tmp_path / "skipped" / "scores.csv"), _csv(tmp_path / "full" / "scores.csv")
+    assert [(r["name"], r["score"], r["score_flow"]) for r in skipped] == [
+        (r["name"], r["score"], r["score_flow"]) for r in full
+    ]
+    assert all(r["score_recon"] == "nan" for r in skipped) and all(r["score_recon"] != "nan" for r in full)
+    for image in images[:3]:
+        for name in (f"{image.stem}_scores.json", f"{image.stem}_anomaly_map.png", f"{image.stem}_anomaly_mask.png"):
+            assert (tmp_path / "skipped" / name).read_bytes() == (tmp_path / "full" / name).read_bytes(), name
+
+
 def test_inputs_whose_outputs_would_collide_are_refused(image_bundle, tmp_path):
     bundle, images = image_bundle
     inputs = tmp_path / "in"

@@ -173,3 +173,16 @@ def test_fit_sets_the_mask_threshold_at_the_quantile_of_normal_map_values():
     pixels = {"flow": torch.arange(1000, dtype=torch.float32).view(10, 100), "recon": torch.zeros(10, 100)}
     scorer.fit(np.array([0, 0, 1]), {"flow": torch.tensor([0.0, 1.0, 5.0]), "recon": torch.zeros(3)}, pixels)
     assert float(scorer.pixel_threshold) == pytest.approx(np.quantile(np.arange(1000), 0.99))
+
+
+@pytest.mark.parametrize("beta, missing", [(1.0, "recon"), (0.0, "flow")])
+def test_a_term_of_weight_zero_is_left_out_so_it_may_be_missing(beta, missing):
+    """The sum without the term equals the sum with it times zero, to the last bit, so an unweighted term that was
+    not computed (NaN) changes nothing."""
+    scorer = AnomalyScorer(beta=beta)
+    scorer.term_stats.copy_(torch.tensor([[0.3, 0.2], [-0.5, 0.1]]))
+    terms = {"flow": torch.randn(2, 1, 8, 8), "recon": torch.randn(2, 1, 8, 8)}
+    absent = {**terms, missing: torch.full_like(terms[missing], float("nan"))}
+    assert torch.equal(scorer.combine(absent), scorer.combine(terms))
+    assert torch.isfinite(scorer.combine(absent)).all()
+    assert torch.isnan(AnomalyScorer(beta=0.5).combine(absent)).all()  # a weighted term must be there

@@ -208,3 +208,32 @@ def test_a_forked_child_outlives_the_onnx_runtime_sessions_it_inherits():
         gc.enable()
         gc.collect()
     assert code == 0
+
+
+def test_inference_leaves_out_a_zero_weight_reconstruction_term_with_the_same_scores():
+    """``skip_unweighted_terms`` with beta 1: no decoder and no SSIM map, and the score and anomaly map are the
+    full computation's to the last bit; with beta below 1 it changes nothing."""
+    torch.manual_seed(0)
+    net = AEFlow(encoder="efficientnet-lite0", encoder_weights="none", image_size=64, flow_blocks=2).eval()
+    with torch.no_grad():
+        for p in net.trainable_parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        net.scorer.term_stats.copy_(torch.tensor([[0.4, 0.1], [-0.8, 0.05]]))
+    decoded = []
+    net.decoder.register_forward_hook(lambda *_: decoded.append(1))
+    image = torch.rand(3, 1, 64, 64)
+    for beta in (1.0, 0.9):
+        net.scorer.set_beta(beta)
+        with torch.no_grad():
+            net.skip_unweighted_terms = False
+            full = net.score(image)
+            decoded.clear()
+            net.skip_unweighted_terms = True
+            fast = net.score(image)
+        assert torch.equal(fast["score"], full["score"]) and torch.equal(fast["anomaly_map"], full["anomaly_map"])
+        assert torch.equal(fast["score_flow"], full["score_flow"])
+        if beta == 1.0:
+            assert not decoded and torch.isnan(fast["reconstruction"]).all() and torch.isnan(fast["score_recon"]).all()
+            assert torch.isfinite(full["score_recon"]).all()
+        else:
+            assert decoded and torch.equal(fast["score_recon"], full["score_recon"])
