@@ -1,7 +1,7 @@
 """An ensemble of trained models as one self-describing model (``scripts.ensemble``): assembled by the training
 workflow with ``configs/ensemble.json``, it scores the mean of its members' calibrated scores in evaluation, and
-the bundle's inference (what MONAI Deploy and MONAI Label run, on PyTorch or ONNX Runtime) scores exactly what
-evaluation scored; members that cannot share one input are refused, naming the setting."""
+the bundle's inference (what MONAI Deploy and MONAI Label run, on PyTorch or ONNX Runtime) scores what evaluation
+scored; members that cannot share one input are refused, naming the setting."""
 
 from __future__ import annotations
 
@@ -71,9 +71,13 @@ def test_assembled_ensemble_describes_its_members_and_is_calibrated(assembled):
 def test_evaluation_scores_the_mean_of_the_members_calibrated_scores(assembled):
     work, members, evaluation = assembled
     evaluated = _scores(work / "ensemble" / "eval" / "test_scores.csv")
-    batch = next(iter(evaluation.parser.get_parsed_content("validate#dataloader")))
-    images = convert_to_tensor(batch["image"], track_meta=False)
-    names = [f"{Path(n).name}#slice={int(s)}" for n, s in zip(batch["image"].meta["filename_or_obj"], batch["slice"])]
+    batches = list(evaluation.parser.get_parsed_content("validate#dataloader"))
+    images = torch.cat([convert_to_tensor(batch["image"], track_meta=False) for batch in batches])
+    names = [
+        f"{Path(n).name}#slice={int(s)}"
+        for batch in batches
+        for n, s in zip(batch["image"].meta["filename_or_obj"], batch["slice"])
+    ]
     with torch.no_grad():
         member_scores = [network_from_file(path).eval().score(images)["score"] for path in members]
     assert not torch.allclose(member_scores[0], member_scores[1])  # two different detectors
@@ -93,9 +97,11 @@ def test_inference_scores_what_evaluation_scored(assembled, bundle_root, tiny_da
     inferred = _scores(out / "scores.csv")
     evaluated = _scores(work / "ensemble" / "eval" / "test_scores.csv")
     assert evaluated and set(evaluated) <= set(inferred)
-    tolerance = 0.0 if runtime == "torch" else 1e-4  # PyTorch: the same computation, bit for bit
+    # PyTorch: the same computation, up to float32 rounding of other batch sizes (oneDNN; inference scores a volume's
+    # slices in one batch, evaluation in batches of 8)
+    tolerance = 1e-5 if runtime == "torch" else 1e-4
     for name, value in evaluated.items():
-        assert inferred[name] == pytest.approx(value, abs=tolerance, rel=0), name
+        assert inferred[name] == pytest.approx(value, abs=tolerance, rel=1e-6), name
 
 
 def _description(**settings) -> dict:
