@@ -275,6 +275,11 @@ def latest_resume_checkpoint(save_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _continues_without_state(obj) -> bool:
+    """A constant learning rate: its scheduler's state changes nothing, so a checkpoint without it resumes exactly."""
+    return isinstance(obj, torch.optim.lr_scheduler.ConstantLR) and obj.factor == 1.0
+
+
 class ResumeCheckpoint:
     """Save the full training state every epoch into ``save_dir``; with ``resume``, load the latest at start.
 
@@ -328,7 +333,7 @@ class ResumeCheckpoint:
             return
         checkpoint = load_checkpoint(latest, self.map_location)
         prior_max_epochs = engine.state.max_epochs
-        _load_objects(self.objects, checkpoint, latest)
+        _load_objects(self._present_in(checkpoint, latest), checkpoint, latest)
         if engine.state.epoch > prior_max_epochs:
             raise ValueError(f"{latest} is at epoch {engine.state.epoch}, past max_epochs {prior_max_epochs}.")
         engine.state.max_epochs = prior_max_epochs
@@ -341,6 +346,21 @@ class ResumeCheckpoint:
         logger.info(
             "Resumed training from %s (epoch %d, iteration %d).", latest, engine.state.epoch, engine.state.iteration
         )
+
+    def _present_in(self, checkpoint: Mapping, path) -> dict:
+        """The objects to load from a checkpoint. One written by an older bundle may lack an entry added since: the
+        learning-rate scheduler (bundle 0.8.0), whose absence means the run trained at a constant rate, which a
+        constant schedule continues exactly; any other missing entry is refused with the remedy."""
+        missing = [key for key in self.objects if key not in checkpoint]
+        for key in missing:
+            if not _continues_without_state(self.objects[key]):
+                raise CheckpointError(
+                    f"Resume checkpoint {path} was written by an older bundle and has no {key!r} state this run "
+                    f"needs (lr_schedule {type(self.objects[key]).__name__}?). Continue it with the settings it was "
+                    f"made with (a constant lr_schedule), or start afresh: --resume false, or delete {self.save_dir}."
+                )
+            logger.info("%s predates the %r state: it trained at a constant rate, which this run continues.", path, key)
+        return {key: value for key, value in self.objects.items() if key not in missing}
 
     def epoch_completed(self, engine: Engine) -> None:
         if _save_dict_is_finite({k: v for k, v in self.objects.items() if k != "trainer"}, "resume checkpoint"):

@@ -108,3 +108,23 @@ def test_cosine_schedule_resumes_on_its_curve(bundle_root, tiny_dataset, tmp_pat
         # annealed over the whole budget: lr_t = lr_0 (1 + cos(pi t / T)) / 2, zero at the last epoch
         expected = group["initial_lr"] * (1 + math.cos(math.pi * epoch / EPOCHS)) / 2
         assert group["lr"] == pytest.approx(expected, abs=1e-12), epoch
+
+
+def test_a_checkpoint_from_before_the_lr_schedule_resumes_at_a_constant_rate_and_a_cosine_run_is_refused(
+    bundle_root, tiny_dataset, tmp_path, reference, capfd
+):
+    """Bundles before 0.8.0 saved no scheduler state (they trained at a constant rate): such a checkpoint resumes
+    with the constant schedule to the uninterrupted run's result, and a cosine schedule is refused with the remedy."""
+    override = {**_override(bundle_root, tiny_dataset, tmp_path), "epochs": 1}
+    _train(bundle_root, override)
+    path = f"{override['ckpt_dir']}/resume/resume_checkpoint_1.pt"
+    old = torch.load(path, weights_only=True)
+    del old["lr_scheduler"]
+    torch.save(old, path)
+    cosine = {**override, "epochs": EPOCHS, "lr_schedule": "cosine"}
+    assert run_forked(bundle_run, **_configs(bundle_root), **cosine) != 0
+    assert "has no 'lr_scheduler' state" in capfd.readouterr().err and os.path.isfile(path)  # refused, nothing lost
+    metrics, state = _train(bundle_root, {**override, "epochs": EPOCHS})
+    expected_metrics, expected_state = reference
+    assert metrics["paper_protocol"]["auc"] == pytest.approx(expected_metrics["paper_protocol"]["auc"], abs=1e-4)
+    _assert_same_model(state, expected_state, atol=1e-4)
