@@ -354,10 +354,10 @@ class ResumeCheckpoint:
         missing = [key for key in self.objects if key not in checkpoint]
         for key in missing:
             if not _continues_without_state(self.objects[key]):
+                hint = "continue it with a constant lr_schedule, as it was made, " if key == "lr_scheduler" else ""
                 raise CheckpointError(
                     f"Resume checkpoint {path} was written by an older bundle and has no {key!r} state this run "
-                    f"needs (lr_schedule {type(self.objects[key]).__name__}?). Continue it with the settings it was "
-                    f"made with (a constant lr_schedule), or start afresh: --resume false, or delete {self.save_dir}."
+                    f"needs: {hint}or start afresh with --resume false (or delete {self.save_dir})."
                 )
             logger.info("%s predates the %r state: it trained at a constant rate, which this run continues.", path, key)
         return {key: value for key, value in self.objects.items() if key not in missing}
