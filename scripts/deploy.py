@@ -272,6 +272,11 @@ def _nifti_bytes(array: np.ndarray, affine) -> bytes:
     return gzip.compress(nib.Nifti1Image(array, affine).to_bytes(), compresslevel=6)
 
 
+# zlib level 1 instead of PIL's 6: the same pixels (PNG is lossless), files about 15 % larger, written 2.2-2.3x faster
+# (measured: 6.3 against 2.9 ms for a 224 x 224 map, 131 against 56 ms for 1024 x 1024)
+PNG_COMPRESS_LEVEL = 1
+
+
 def _png_bytes(array: np.ndarray, input_spec: Mapping) -> bytes:
     """A 2D (H, W) uint8 array as PNG, in the pixel order of the input file it belongs to."""
     from PIL import Image
@@ -279,7 +284,7 @@ def _png_bytes(array: np.ndarray, input_spec: Mapping) -> bytes:
     if input_spec.get("reader_args", {}).get("reverse_indexing", True):
         array = array.T  # PILReader's default hands images over as (W, H)
     buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buffer.getvalue()
 
 

@@ -551,3 +551,17 @@ def test_application_package_version_is_the_bundles(bundle_root):
     application = yaml.safe_load((bundle_root / "deploy" / "app" / "app.yaml").read_text())["application"]
     metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
     assert str(application["version"]) == metadata["version"]
+
+
+@pytest.mark.parametrize("reverse_indexing", [True, False])
+def test_written_png_holds_the_map_exactly_in_the_inputs_pixel_order(reverse_indexing):
+    """Fast zlib level, same pixels: PNG is lossless, whatever the compression level."""
+    import io
+
+    from scripts.deploy import _png_bytes
+
+    rendered = np.random.default_rng(0).integers(0, 256, size=(37, 53), dtype=np.uint8)
+    written = np.asarray(
+        PILImage.open(io.BytesIO(_png_bytes(rendered, {"reader_args": {"reverse_indexing": reverse_indexing}})))
+    )
+    np.testing.assert_array_equal(written, rendered.T if reverse_indexing else rendered)
