@@ -552,11 +552,11 @@ def reconstruction_terms(configs, overrides, workdir: Path, output: Path) -> dic
     for name in ("recon_ssim", "recon_mse", "feature_cosine", "high_pass_ssim"):
         scorer = AnomalyScorer(beta=network.scorer.beta, beta_selection="validation")
         scorer.fit(val_labels, {"flow": val["flow"], "recon": val[name]})
-        combined = scorer.combine({"flow": test["flow"], "recon": test[name]}).numpy()
+        test_scores = scorer.combine({"flow": test["flow"], "recon": test[name]}).numpy()
         table["with_flow"][name] = {
             "beta": scorer.beta,
             "validation_auc": scorer.beta_aucs[scorer.beta],
-            "test_auc": float(roc_auc_score(test_labels, combined)),
+            "test_auc": float(roc_auc_score(test_labels, test_scores)),
         }
     reports.write_json(output / "reconstruction_terms.json", table)
     for name, row in table["terms"].items():

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .encoders import ENCODER_RUNTIMES
+from .encoders import checked_runtime
 
 
 def machine() -> dict:
@@ -126,10 +126,10 @@ def folder_setting(text: str) -> tuple[int, int, str]:
         raise ValueError(
             f"--settings takes BATCHxWORKERS[:RUNTIME], e.g. 1x0 or 16x2:onnxruntime; got {text!r}."
         ) from None
-    runtime = runtime or "torch"
-    if runtime not in ENCODER_RUNTIMES:
-        raise ValueError(f"--settings {text!r}: the runtime must be one of {ENCODER_RUNTIMES}.")
-    return batch_size, workers, runtime
+    try:
+        return batch_size, workers, checked_runtime(runtime or "torch")
+    except ValueError as error:
+        raise ValueError(f"--settings {text!r}: {error}") from None
 
 
 def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int, str]], output: Path) -> list[dict]:

@@ -34,8 +34,7 @@ import torch
 from torch import nn
 
 from .baselines.base import ComparisonMethod, term_maps
-from .encoders import MODEL_FILE_WEIGHTS
-from .model_file import DEFAULT_METHOD, ModelMismatchError, check_format, comparable, decode
+from .model_file import DEFAULT_METHOD, ModelMismatchError, check_format, comparable, decode, network_of_description
 
 SHARED_INPUT = ("image_size", "in_channels")
 
@@ -43,16 +42,6 @@ SHARED_INPUT = ("image_size", "in_channels")
 def combined(values: Sequence[torch.Tensor]) -> torch.Tensor:
     """The ensemble's rule, for scores and maps alike: the mean of the members' calibrated values."""
     return torch.stack(list(values)).mean(dim=0)
-
-
-def _member_network(description: Mapping) -> nn.Module:
-    """The untrained network a member's description names; its weights come from the ensemble's file."""
-    from .baselines import method_class
-
-    settings = dict(description["network"])
-    if "encoder_weights" in settings:
-        settings["encoder_weights"] = MODEL_FILE_WEIGHTS
-    return method_class(description["method"])(**settings, input_spec=description["input_spec"])
 
 
 def _checked_members(members: Sequence[Mapping]) -> list[dict]:
@@ -120,7 +109,7 @@ class Ensemble(ComparisonMethod):
             input_spec=first["input_spec"],
             members=members,
         )
-        self.members = nn.ModuleList(_member_network(member) for member in members)
+        self.members = nn.ModuleList(network_of_description(member) for member in members)  # weights: the file's
         self.encoder = None  # one frozen encoder per member: no single feature tensor to cache
 
     def encode(self, image: torch.Tensor) -> torch.Tensor:

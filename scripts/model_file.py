@@ -136,6 +136,18 @@ def read_description(path: str | os.PathLike) -> dict:
     return check_format(state[EXTRA_STATE_KEY], str(path))
 
 
+def network_of_description(description: Mapping):
+    """The untrained network a model description names (its method, settings and ``input_spec``), its encoder
+    awaiting the weights of the file the description came from."""
+    from .baselines import method_class
+    from .encoders import MODEL_FILE_WEIGHTS
+
+    settings = dict(description["network"])
+    if "encoder_weights" in settings:
+        settings["encoder_weights"] = MODEL_FILE_WEIGHTS
+    return method_class(description.get("method", DEFAULT_METHOD))(**settings, input_spec=description["input_spec"])
+
+
 def network_from_file(
     path: str | os.PathLike,
     expect: Mapping | None = None,
@@ -153,7 +165,7 @@ def network_from_file(
     """
     from .baselines import method_class
     from .checkpoints import load_network
-    from .encoders import MODEL_FILE_WEIGHTS, use_encoder_runtime
+    from .encoders import use_encoder_runtime
 
     description = read_description(path)
     network_class = method_class(description.get("method", DEFAULT_METHOD))
@@ -165,10 +177,7 @@ def network_from_file(
             f"{path} does not fit this run: " + "; ".join(mismatch) + ". Leave these settings out to use the "
             "model's own (evaluation and inference take them from the model file), or retrain."
         )
-    settings = dict(description["network"])
-    if "encoder_weights" in settings:
-        settings["encoder_weights"] = MODEL_FILE_WEIGHTS
-    network = network_class(**settings, input_spec=description["input_spec"])
+    network = network_of_description(description)
     use_encoder_runtime(network, encoder_runtime)
     for module in network.modules():
         if hasattr(module, "skip_unweighted_terms"):

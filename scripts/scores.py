@@ -162,11 +162,11 @@ class AnomalyScorer(nn.Module):
         """Equation (2) on term maps or on reduced image-level terms alike. A term of weight zero is left out,
         not multiplied by zero (the same sum to the last bit for a finite term), so it may be NaN: not computed."""
         beta = self.beta_value if beta is None else beta
-        flow = beta * self.standardize("flow", terms["flow"])
-        recon = (1.0 - beta) * self.standardize("recon", terms["recon"])
         if self.weight("recon", beta) == 0:
-            return flow
-        return recon if self.weight("flow", beta) == 0 else flow + recon
+            return beta * self.standardize("flow", terms["flow"])
+        if self.weight("flow", beta) == 0:
+            return (1.0 - beta) * self.standardize("recon", terms["recon"])
+        return beta * self.standardize("flow", terms["flow"]) + (1.0 - beta) * self.standardize("recon", terms["recon"])
 
     def reduce(self, score_map: torch.Tensor) -> torch.Tensor:
         return reduce_map(score_map, self.reduction, self.topk_fraction)
