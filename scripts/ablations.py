@@ -523,9 +523,7 @@ def _reconstruction_candidates(parser, network, split: str) -> tuple[np.ndarray,
             "recon_ssim": scorer.reduce(maps["recon"]),
             "recon_mse": (images - out.reconstruction).pow(2).flatten(1).mean(1),
             "feature_cosine": (1 - torch.cosine_similarity(features, residual_features, dim=1)).flatten(1).mean(1),
-            "high_pass_ssim": -ssim_map(detail, detail_rec, scorer.data_range, scorer.ssim_window, scorer.ssim_kernel)
-            .flatten(1)
-            .mean(1),
+            "high_pass_ssim": -ssim_map(detail, detail_rec, scorer.data_range, scorer.ssim_window).flatten(1).mean(1),
             "input_texture": detail.pow(2).flatten(1).mean(1),
             "reconstruction_texture": detail_rec.pow(2).flatten(1).mean(1),
         }

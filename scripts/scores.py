@@ -40,7 +40,7 @@ from torch import nn
 
 from .losses import check_weight
 from .metrics import best_f1_threshold
-from .ssim import gaussian_window, ssim_map
+from .ssim import ssim_map
 
 FLOW_SCORES = ("nll", "density")
 REDUCTIONS = ("mean", "max", "topk")
@@ -117,7 +117,6 @@ class AnomalyScorer(nn.Module):
         self.topk_fraction = topk_fraction
         self.data_range = float(data_range)
         self.ssim_window = int(ssim_window)
-        self.register_buffer("ssim_kernel", gaussian_window(self.ssim_window), persistent=False)
         # rows: flow, recon; columns: mean, std.  Identity until calibrated.
         self.register_buffer("term_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         # operating point for deployment: score >= threshold means abnormal; NaN until chosen on validation data
@@ -143,7 +142,7 @@ class AnomalyScorer(nn.Module):
         if reconstruction is None:
             missing = torch.full_like(flow, float("nan"))
             return {"flow": flow, "recon": missing, "residual": missing}
-        recon = -ssim_map(image, reconstruction, self.data_range, self.ssim_window, self.ssim_kernel)
+        recon = -ssim_map(image, reconstruction, self.data_range, self.ssim_window)
         residual = (image - reconstruction).abs().mean(dim=1, keepdim=True)
         return {"flow": flow, "recon": recon, "residual": residual}
 

@@ -186,3 +186,24 @@ def test_a_term_of_weight_zero_is_left_out_so_it_may_be_missing(beta, missing):
     assert torch.equal(scorer.combine(absent), scorer.combine(terms))
     assert torch.isfinite(scorer.combine(absent)).all()
     assert torch.isnan(AnomalyScorer(beta=0.5).combine(absent)).all()  # a weighted term must be there
+
+
+def test_ssim_stays_float32_under_autocast():
+    """bfloat16 cannot resolve E[x^2] - E[x]^2: the map and the loss are float32 whatever autocast says."""
+    torch.manual_seed(2)
+    image = torch.rand(2, 1, 48, 48)
+    recon = (image + 0.1 * torch.randn_like(image)).clamp(0, 1)
+    reference = ssim_map(image, recon)
+    low = recon.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = ssim_map(image, recon)
+        loss = AEFlowLoss(alpha=0.0, recon_loss="ssim")(torch.zeros(2, 4, 2, 2), torch.zeros(2), low, image)
+    assert under.dtype == torch.float32
+    torch.testing.assert_close(under, reference, atol=0, rtol=0)
+    loss["loss"].backward()
+    assert low.grad is not None and torch.isfinite(low.grad).all()
+
+
+def test_ssim_refuses_images_smaller_than_its_window():
+    with pytest.raises(ValueError, match="at least 11 pixels a side"):
+        ssim_map(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
