@@ -72,6 +72,35 @@ def test_decoder_mirrors_encoder_and_matches_target_range():
     assert all(m.kernel_size == (2, 2) and m.stride == (2, 2) for m in transposed)
 
 
+def test_decoder_runs_channels_last_with_the_contiguous_layers_results_and_their_weights():
+    """Channels-last is a memory order, not a model: weights saved in either order load into the other, and the
+    decoder computes what the same layers compute in the default order (float32 rounding apart)."""
+    torch.manual_seed(0)
+    decoder = Decoder(112, (40, 24, 16), out_channels=1)
+    assert decoder[0].weight.is_contiguous(memory_format=torch.channels_last)
+    plain = torch.nn.Sequential(*[type(m)(**_layer_args(m)) for m in decoder])  # default memory order
+    plain.load_state_dict({k: v.contiguous() for k, v in decoder.state_dict().items()})
+    assert plain[0].weight.is_contiguous()
+    z = torch.randn(2, 112, 16, 16)
+    torch.testing.assert_close(decoder(z), plain(z), atol=1e-5, rtol=1e-5)
+    reloaded = Decoder(112, (40, 24, 16), out_channels=1)
+    reloaded.load_state_dict(plain.state_dict())  # a model file written before the decoder went channels-last
+    assert reloaded[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(reloaded(z), decoder(z))
+
+
+def _layer_args(module: torch.nn.Module) -> dict:
+    if isinstance(module, (torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+        return dict(
+            in_channels=module.in_channels,
+            out_channels=module.out_channels,
+            kernel_size=module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+        )
+    return {}
+
+
 @pytest.fixture(scope="module")
 def tiny_net():
     torch.manual_seed(0)
