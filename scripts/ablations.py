@@ -79,6 +79,7 @@ RECORDED_KEYS = (
     "weight_decay",
     "early_stop_patience",
     "lr_schedule",
+    "train_amp",
     "seed",
 )
 

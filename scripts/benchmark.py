@@ -1,5 +1,6 @@
 """Side-by-side speed of AE-FLOW on this machine: training images/s with the encoder run every step (naive)
-versus from cached features, the one-off encoding rate, inference images/s (float32, and bf16 autocast on CPU),
+versus from cached features (float32, and under ``train_amp``'s autocast: bfloat16 on a CPU, float16 on CUDA),
+the one-off encoding rate, inference images/s (float32, and bf16 autocast on CPU),
 and peak resident memory, for each encoder at the paper's 256 x 256, on the same images.
 
     python -m scripts.benchmark --encoders efficientnet-lite0 wide_resnet50_2 --output docs/benchmarks
@@ -81,10 +82,11 @@ def measure(encoder: str, image_size: int, batch_size: int, repeats: int, device
     with torch.no_grad():
         features = network.encoder(images)
 
-    def train_step(cached: bool, recon_loss: str = "mse"):
-        network.train()
-        out = network(images, features if cached else None)
-        loss = loss_functions[recon_loss](*out, images)["loss"]
+    def train_step(cached: bool, recon_loss: str = "mse", autocast: bool = False):
+        network.train()  # as AEFlowTrainer runs it: the network under autocast, equation (1) in float32
+        with torch.autocast(device.type, enabled=autocast):
+            out = network(images, features if cached else None)
+        loss = loss_functions[recon_loss](*(part.float() for part in out), images)["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -103,6 +105,8 @@ def measure(encoder: str, image_size: int, batch_size: int, repeats: int, device
     result["train_naive_images_per_s"] = _rate(lambda: train_step(False), batch_size, repeats, device)
     result["train_cached_images_per_s"] = _rate(lambda: train_step(True), batch_size, repeats, device)
     result["train_cached_ssim_images_per_s"] = _rate(lambda: train_step(True, "ssim"), batch_size, repeats, device)
+    for loss_name, key in (("mse", "train_cached_amp_images_per_s"), ("ssim", "train_cached_ssim_amp_images_per_s")):
+        result[key] = _rate(lambda: train_step(True, loss_name, autocast=True), batch_size, repeats, device)
     result["encode_images_per_s"] = _rate(encode, batch_size, repeats, device)
     result["inference_images_per_s"] = _rate(lambda: infer(False), batch_size, repeats, device)
     result["inference_bf16_images_per_s"] = _rate(lambda: infer(True), batch_size, repeats, device)
@@ -188,14 +192,17 @@ def _table(report: dict) -> str:
         + f"; {report['date']}.",
         "",
         "| encoder | weights | train naive (img/s) | train cached (img/s) | speed-up | train cached, SSIM loss (img/s) "
+        "| train cached, train_amp: MSE / SSIM (img/s) "
         "| encode (img/s) | inference fp32 (img/s) | inference bf16 (img/s) | peak RSS (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         lines.append(
             f"| {r['encoder']} | {r['weights']} | {r['train_naive_images_per_s']:.1f} | "
             f"{r['train_cached_images_per_s']:.1f} | {r['cached_speed_up']:.1f}x | "
-            f"{r.get('train_cached_ssim_images_per_s', float('nan')):.1f} | {r['encode_images_per_s']:.1f} | "
+            f"{r.get('train_cached_ssim_images_per_s', float('nan')):.1f} | "
+            f"{r.get('train_cached_amp_images_per_s', float('nan')):.1f} / "
+            f"{r.get('train_cached_ssim_amp_images_per_s', float('nan')):.1f} | {r['encode_images_per_s']:.1f} | "
             f"{r['inference_images_per_s']:.1f} | {r['inference_bf16_images_per_s']:.1f} | {r['peak_rss_mib']:.0f} |"
         )
     return "\n".join(lines) + "\n"

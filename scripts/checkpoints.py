@@ -27,6 +27,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .distributed import unwrapped
+from .options import flag
 
 logger = logging.getLogger(__name__)
 RESUME_PREFIX = "resume"
@@ -300,7 +301,7 @@ class ResumeCheckpoint:
         network: torch.nn.Module | None = None,
     ):
         self.save_dir = save_dir
-        self.resume = resume
+        self.resume = flag(resume, "resume")
         self.map_location = map_location
         self.n_saved = n_saved
         self.objects = {k: KeyMetricTracker(v) if isinstance(v, CheckpointSaver) else v for k, v in save_dict.items()}

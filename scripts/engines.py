@@ -24,6 +24,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 
 from .distributed import unwrapped
+from .options import flag
 from .preprocessing import scored_slices
 
 logger = logging.getLogger(__name__)
@@ -105,6 +106,7 @@ class AEFlowTrainer(SupervisedTrainer):
         features_key: str = "features",
         **kwargs,
     ):
+        kwargs["amp"] = flag(kwargs.get("amp", False), "train_amp")
         super().__init__(*args, **kwargs)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Unknown nonfinite policy {nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}.")
@@ -131,10 +133,14 @@ class AEFlowTrainer(SupervisedTrainer):
         images, features = _batch_tensors(engine, batchdata, self.image_key, self.features_key)
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        # autocast (``train_amp``: float16 on CUDA, bfloat16 on CPU) covers the network; equation (1) sums
+        # a per-dimension log-likelihood and an SSIM, both of which need float32
         with torch.autocast(device_type=images.device.type, enabled=engine.amp):
             out = engine.network(images, features)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            parts = engine.loss_function(out.z_prime, out.log_jac_det, out.reconstruction.float(), images)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        parts = engine.loss_function(
+            out.z_prime.float(), out.log_jac_det.float(), out.reconstruction.float(), images.float()
+        )
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
         loss = parts["loss"]
         # the image gives the output a batch dimension, so that MONAI's decollation (and with it the default
@@ -321,6 +327,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
     def __init__(
         self, *args, image_key: str = "image", label_key: str = "label", features_key: str = "features", **kwargs
     ):
+        kwargs["amp"] = flag(kwargs.get("amp", False), "amp")
         super().__init__(*args, **kwargs)
         if not isinstance(self.inferer, AnomalyInferer):
             raise TypeError(f"AnomalyEvaluator needs an AnomalyInferer, got {type(self.inferer).__name__}.")

@@ -29,6 +29,7 @@ from monai.transforms import Compose, RandomizableTrait, Transform
 from monai.utils import convert_to_tensor
 from tqdm import tqdm
 
+from .options import flag
 from .reports import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,7 @@ class FeatureCacheDataset(CacheDataset):
         data: datalist items.
         transform: the deterministic preprocessing (a ``Compose``); random transforms are refused with an encoder.
         encoder: the frozen encoder, or None to cache images only.
+        cache_features: false to cache images only (the ``cache_features`` key, as typed on the command line).
         cache_dir: folder for the on-disk cache, or None for memory only.
         encode_batch_size: images per encoder call.
         device: where the encoder runs.
@@ -78,6 +80,7 @@ class FeatureCacheDataset(CacheDataset):
         data: Sequence,
         transform: Compose,
         encoder: torch.nn.Module | None = None,
+        cache_features: bool | str = True,
         cache_dir: str | os.PathLike | None = None,
         encode_batch_size: int = 32,
         device: torch.device | str = "cpu",
@@ -85,6 +88,7 @@ class FeatureCacheDataset(CacheDataset):
         features_key: str = "features",
         **kwargs,
     ):
+        encoder = encoder if flag(cache_features, "cache_features") else None
         if encoder is not None and any(isinstance(t, RandomizableTrait) for t in transform.flatten().transforms):
             raise ValueError(
                 "The feature cache is off limits with random transforms: features of one augmented view would be "

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from monai.transforms import LoadImage
 
+from .options import flag
+
 logger = logging.getLogger(__name__)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
@@ -145,7 +147,7 @@ def screen_items(
     image is loaded. With ``skip_bad_inputs`` every distinct file is also loaded and checked once here (one extra
     read per file), and the items of bad files are dropped, logged, and listed in ``report_file``.
     """
-    if not skip_bad_inputs:
+    if not flag(skip_bad_inputs, "skip_bad_inputs"):
         for item in items:
             for key in keys:
                 check_path(item[key], data_root)

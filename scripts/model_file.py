@@ -27,6 +27,8 @@ from typing import Mapping
 
 import torch
 
+from .options import flag
+
 MODEL_FORMAT = "aeflow-model"
 FORMAT_VERSION = 1
 EXTRA_STATE_KEY = "_extra_state"
@@ -181,7 +183,7 @@ def network_from_file(
     use_encoder_runtime(network, encoder_runtime)
     for module in network.modules():
         if hasattr(module, "skip_unweighted_terms"):
-            module.skip_unweighted_terms = bool(skip_unweighted_terms)
+            module.skip_unweighted_terms = flag(skip_unweighted_terms, "skip_unweighted_terms")
     return load_network(network, path, map_location=map_location)
 
 

@@ -12,7 +12,8 @@ from scripts import benchmark
 def test_measure_and_report(tmp_path):
     result = benchmark.measure("efficientnet-lite0", image_size=64, batch_size=2, repeats=1, device="cpu")
     rates = [key for key in result if key.endswith("_images_per_s")]
-    assert {"train_cached_images_per_s", "train_cached_ssim_images_per_s", "inference_images_per_s"} <= set(rates)
+    expected = {"train_cached_images_per_s", "train_cached_ssim_images_per_s", "inference_images_per_s"}
+    assert expected | {"train_cached_amp_images_per_s", "train_cached_ssim_amp_images_per_s"} <= set(rates)
     assert all(result[key] > 0 for key in rates)
     report = {"machine": benchmark.machine(), "date": "2026-12-01", "device": "cpu", "results": [result]}
     benchmark.write_report(report, tmp_path / "benchmarks", "test-machine")
@@ -20,7 +21,12 @@ def test_measure_and_report(tmp_path):
         "efficientnet-lite0"
     )
     table = (tmp_path / "benchmarks.md").read_text()
-    assert "## test-machine (cpu)" in table and "SSIM loss" in table and "| efficientnet-lite0 | imagenet |" in table
+    assert (
+        "## test-machine (cpu)" in table
+        and "SSIM loss" in table
+        and "train_amp" in table
+        and "| efficientnet-lite0 | imagenet |" in table
+    )
     benchmark.write_report(report, tmp_path / "benchmarks", "test-machine")  # a rerun replaces its section
     assert (tmp_path / "benchmarks.md").read_text().count("## test-machine (cpu)") == 1
 

@@ -1,0 +1,87 @@
+"""Training precision (``train_amp``) and boolean keys typed on the command line.
+
+``train_amp`` runs the network's forward pass under autocast (bfloat16 on a CPU) while equation (1) stays in float32:
+the SSIM of a half-precision reconstruction would subtract nearly equal numbers. ``python -m monai.bundle run ...
+--resume false`` hands the config the text "false", which every boolean key must read as false.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scripts.checkpoints import ResumeCheckpoint
+from scripts.engines import AEFlowTrainer
+from scripts.feature_cache import FeatureCacheDataset
+from scripts.losses import AEFlowLoss
+from scripts.networks import AEFlow
+from scripts.options import flag
+
+SIZE = 32
+
+
+def _batches(n=2, batch=2):
+    generator = torch.Generator().manual_seed(1)
+    return [{"image": torch.rand(batch, 1, SIZE, SIZE, generator=generator)} for _ in range(n)]
+
+
+class _RecordingLoss(AEFlowLoss):
+    def __init__(self):
+        super().__init__(alpha=0.5, recon_loss="ssim")
+        self.dtypes, self.values = [], []
+
+    def forward(self, *args):
+        self.dtypes.append(tuple(arg.dtype for arg in args))
+        parts = super().forward(*args)
+        self.values.append(float(parts["loss"]))
+        return parts
+
+
+@pytest.mark.parametrize("train_amp", ["true", "false"])
+def test_train_amp_runs_the_network_in_bfloat16_and_the_loss_in_float32(train_amp):
+    torch.manual_seed(0)
+    network = AEFlow(encoder_weights="none", image_size=SIZE, flow_blocks=1)
+    decoder_dtypes = []
+    network.decoder.register_forward_hook(lambda module, args, out: decoder_dtypes.append(out.dtype))
+    loss = _RecordingLoss()
+    before = [p.detach().clone() for p in network.trainable_parameters()]
+    trainer = AEFlowTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=_batches(),
+        network=network,
+        optimizer=torch.optim.Adam(network.trainable_parameters(), lr=1e-3),
+        loss_function=loss,
+        amp=train_amp,  # as the command line types it
+    )
+    trainer.run()
+    assert trainer.amp is (train_amp == "true")
+    assert set(decoder_dtypes) == {torch.bfloat16 if train_amp == "true" else torch.float32}
+    assert loss.dtypes and all(dtype == torch.float32 for dtypes in loss.dtypes for dtype in dtypes)
+    assert all(math.isfinite(value) for value in loss.values)
+    assert all(not torch.equal(b, p) for b, p in zip(before, network.trainable_parameters()))  # it trained
+
+
+def test_command_line_booleans_mean_what_they_say(tmp_path):
+    assert [flag(v, "k") for v in ("false", "False", "no", "0", False)] == [False] * 5
+    assert [flag(v, "k") for v in ("true", "TRUE", "yes", "1", True)] == [True] * 5
+    with pytest.raises(ValueError, match="resume must be true or false, got 'flase'"):
+        flag("flase", "resume")
+    network = AEFlow(encoder_weights="none", image_size=SIZE, flow_blocks=1)
+    assert ResumeCheckpoint(str(tmp_path), {"model": network}, resume="false").resume is False
+    with pytest.raises(ValueError, match="train_amp must be true or false"):
+        AEFlowTrainer(
+            device=torch.device("cpu"),
+            max_epochs=1,
+            train_data_loader=_batches(),
+            network=network,
+            optimizer=torch.optim.Adam(network.trainable_parameters()),
+            loss_function=AEFlowLoss(),
+            amp="bf16",
+        )
+    items = [{"image": torch.rand(1, SIZE, SIZE)}]
+    from monai.transforms import Compose
+
+    assert FeatureCacheDataset(items, Compose([]), encoder=network.encoder, cache_features="false").encoder is None
+    assert FeatureCacheDataset(items, Compose([]), encoder=network.encoder, cache_features=True).encoder is not None
