@@ -6,8 +6,8 @@ inside ``CacheDataset``, it also runs at batch size 1, the slowest way on a CPU.
 the cached images in batches, and stores ``features`` in each cached item; ``AEFlow.forward(image, features)``
 then skips the encoder.
 
-With ``cache_dir`` every item is also written to disk (atomically), keyed by the item, its file's size and
-modification time, and a fingerprint of the preprocessing and the encoder (its name and a digest of its
+With ``cache_dir`` every item is also written to disk (atomically), keyed by the item, its file's content
+(SHA-1 of the bytes), and a fingerprint of the preprocessing and the encoder (its name and a digest of its
 weights). A change of any of them selects another key, so a stale entry is never reused; a file that cannot be
 read (a crash while writing, a truncated copy) or whose stored fingerprint or shape does not match is reported
 and rebuilt. Random transforms after the cached ones disable nothing here, but their output would no longer
@@ -50,6 +50,15 @@ def describe(obj: Any, depth: int = 0) -> Any:
         fields = {k: v for k, v in vars(obj).items() if not k.startswith("_") and k not in ("R", "lazy")}
         return {"class": type(obj).__name__, **{k: describe(v, depth + 1) for k, v in sorted(fields.items())}}
     return type(obj).__name__
+
+
+def file_digest(path: str) -> str:
+    """SHA-1 of a file's bytes (about 1 ms for a chest film's JPEG, well under the cost of decoding it)."""
+    digest = hashlib.sha1()
+    with open(path, "rb") as stream:
+        for chunk in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def encoder_digest(encoder: torch.nn.Module) -> str:
@@ -127,17 +136,15 @@ class FeatureCacheDataset(CacheDataset):
             ) from error
 
     def _item_key(self, item: dict) -> str:
-        """Keyed by the image's real path, so ``./data/x/../a.png`` and ``/abs/a.png`` share one entry."""
+        """Keyed by the image's real path, so ``./data/x/../a.png`` and ``/abs/a.png`` share one entry, and by its
+        content: a data set copied afresh (new modification times, same bytes) keeps its cache, an edited file
+        does not."""
         source = str(item.get(self.image_key, ""))
-        stat = os.stat(source) if os.path.isfile(source) else None
+        is_file = os.path.isfile(source)
         fields = {k: str(v) for k, v in sorted(item.items())}
-        if stat:
+        if is_file:
             fields[self.image_key] = os.path.realpath(source)
-        described = {
-            "item": fields,
-            "file": [stat.st_size, stat.st_mtime_ns] if stat else None,
-            "fingerprint": self.fingerprint,
-        }
+        described = {"item": fields, "file": file_digest(source) if is_file else None, "fingerprint": self.fingerprint}
         return hashlib.sha1(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
     def _cache_file(self, idx: int) -> Path:

@@ -4,6 +4,7 @@ half-written or foreign entry ever reused."""
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +89,27 @@ def test_another_spelling_of_the_same_path_reuses_the_cache(images, network, tmp
     monkeypatch.chdir(folder.parent)
     respelt = [{**item, "image": f"./{folder.name}/../{folder.name}/{Path(item['image']).name}"} for item in images]
     assert _dataset(respelt, network, tmp_path).disk_hits == len(images)
+
+
+def test_the_cache_follows_the_files_content_not_its_modification_time(images, network, tmp_path):
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    items = []
+    for item in images[:3]:
+        copy = copies / Path(item["image"]).name
+        copy.write_bytes(Path(item["image"]).read_bytes())
+        items.append({**item, "image": str(copy)})
+    cache = tmp_path / "cache"
+    first = _dataset(items, network, cache)
+    for item in items:  # the same bytes written again, later: a data set copied afresh
+        Path(item["image"]).write_bytes(Path(item["image"]).read_bytes())
+        os.utime(item["image"], (1, 1))
+    assert _dataset(items, network, cache).disk_hits == len(items)
+    edited = Path(items[0]["image"])
+    Image.fromarray(np.zeros((40, 48), dtype=np.uint8)).save(edited)  # new content: encoded again
+    again = _dataset(items, network, cache)
+    assert again.disk_hits == len(items) - 1
+    assert not torch.equal(again[0]["features"], first[0]["features"])
 
 
 def test_another_encoder_never_reuses_the_cache(images, network, tmp_path):
