@@ -3,9 +3,9 @@ score of equation (2).
 
 The 11 x 11 Gaussian window is separable, and a valid 1D convolution of a row of length n is a product with an
 (n, n - w + 1) banded matrix. So the window is applied as two matrix products: the CPU's matrix kernel does about 4x
-more arithmetic than the convolution needs and still runs 4.6x faster than oneDNN's one-channel 11 x 11 convolution
+the arithmetic of the 11 x 11 convolution and still runs 4.6x faster than oneDNN's one-channel 11 x 11 convolution
 (2.6 against 12.2 ms an image for the five moment maps of a 256 x 256 image, 2 threads), and its backward pass is
-two matrix products too. Measured speed-ups of the whole loss and of the score map: docs/benchmarks.md.
+two matrix products too. Its effect on a training step: docs/benchmarks.md.
 The maps equal MONAI's within float32 rounding (tests).
 
 SSIM subtracts squared means from means of squares, which half precision cannot resolve: the maps are always
