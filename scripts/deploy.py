@@ -38,6 +38,7 @@ from monai.transforms import MapTransform
 
 from .engines import RESULTS_KEY
 from .inputs import BadInputError, check_array
+from .options import flag
 from .scores import VOLUME_AGGREGATION, volume_score
 from .transforms import StrictLoadImaged
 
@@ -190,10 +191,10 @@ class AnomalyOutputWriter:
     """Writes each inference output (``write_report``) as soon as its iteration completes; two inputs whose
     outputs would share a name (``a.png`` and ``a.jpg``) stop the run instead of overwriting each other."""
 
-    def __init__(self, output_dir: str, network: torch.nn.Module, nifti_for_2d: bool = False):
+    def __init__(self, output_dir: str, network: torch.nn.Module, nifti_for_2d: bool | str = False):
         self.output_dir = output_dir
         self.network = network
-        self.nifti_for_2d = nifti_for_2d
+        self.nifti_for_2d = flag(nifti_for_2d, "write_nifti_for_2d")
         self.sources: dict[str, str] = {}
 
     def attach(self, engine: Engine) -> None:

@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 from scripts.checkpoints import ResumeCheckpoint
+from scripts.deploy import AnomalyOutputWriter
 from scripts.engines import AEFlowTrainer
 from scripts.feature_cache import FeatureCacheDataset
 from scripts.losses import AEFlowLoss
@@ -80,6 +81,7 @@ def test_command_line_booleans_mean_what_they_say(tmp_path):
             loss_function=AEFlowLoss(),
             amp="bf16",
         )
+    assert AnomalyOutputWriter(str(tmp_path), network, nifti_for_2d="false").nifti_for_2d is False
     items = [{"image": torch.rand(1, SIZE, SIZE)}]
     from monai.transforms import Compose
 
