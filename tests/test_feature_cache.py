@@ -112,6 +112,18 @@ def test_the_cache_follows_the_files_content_not_its_modification_time(images, n
     assert not torch.equal(again[0]["features"], first[0]["features"])
 
 
+def test_a_file_shared_by_many_items_is_read_once_for_its_digest(images, tmp_path, monkeypatch):
+    """Slices of one volume are items of one file: its digest is computed once, not once per slice."""
+    from scripts import feature_cache
+
+    feature_cache._content_digest.cache_clear()
+    opened = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: (opened.append(str(path)), real_open(path, *a, **k))[1])
+    digests = {feature_cache.file_digest(images[0]["image"]) for _ in range(5)}
+    assert len(digests) == 1 and opened.count(images[0]["image"]) == 1
+
+
 def test_another_encoder_never_reuses_the_cache(images, network, tmp_path):
     _dataset(images, network, tmp_path)
     other = AEFlow(encoder="efficientnet-lite1", encoder_weights="none", image_size=SIZE, flow_blocks=2)
