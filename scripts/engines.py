@@ -168,6 +168,11 @@ class AEFlowTrainer(SupervisedTrainer):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.grad_clip_norm if self.grad_clip_norm else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
+        if not torch.isfinite(grad_norm) and _scale_overflow(scaler):
+            scaler.step(optimizer)  # skipped by the scaler itself, which found the overflow when unscaling
+            scaler.update()  # and lowers its scale
+            optimizer.zero_grad(set_to_none=True)
+            return False
         if not torch.isfinite(grad_norm) and self._nonfinite(engine, prefix + "gradient"):
             optimizer.zero_grad(set_to_none=True)  # the policy cleared the trainer's own optimiser; this one too
             if scaler is not None:
@@ -179,6 +184,14 @@ class AEFlowTrainer(SupervisedTrainer):
         else:
             optimizer.step()
         return True
+
+
+def _scale_overflow(scaler) -> bool:
+    """Non-finite gradients under float16 mixed precision are, at first, the loss scale's overflow: the scaler
+    skips that step and halves its scale, as it is meant to (the bundle's first CUDA runs stopped at the first one,
+    at iteration 1 or 791). Only at a scale below 1, where the unscaled gradients themselves are not finite, is it
+    divergence for the non-finite policy."""
+    return scaler is not None and scaler.is_enabled() and scaler.get_scale() >= 1.0
 
 
 class BaselineTrainer(AEFlowTrainer):

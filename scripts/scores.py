@@ -149,7 +149,7 @@ class AnomalyScorer(nn.Module):
     def standardize(self, term: str, value: torch.Tensor) -> torch.Tensor:
         if self.normalization == "none":
             return value
-        mean, std = self.term_stats[TERMS.index(term)]
+        mean, std = self.term_stats[TERMS.index(term)].to(value.device)  # terms gathered on the CPU, GPU model
         return (value - mean) / std
 
     def weight(self, term: str, beta: float | None = None) -> float:
@@ -160,7 +160,7 @@ class AnomalyScorer(nn.Module):
     def combine(self, terms: dict[str, torch.Tensor], beta: float | None = None) -> torch.Tensor:
         """Equation (2) on term maps or on reduced image-level terms alike. A term of weight zero is left out,
         not multiplied by zero (the same sum to the last bit for a finite term), so it may be NaN: not computed."""
-        beta = self.beta_value if beta is None else beta
+        beta = self.beta_value.cpu() if beta is None else beta  # a CPU scalar joins terms on any device
         if self.weight("recon", beta) == 0:
             return beta * self.standardize("flow", terms["flow"])
         if self.weight("flow", beta) == 0:
@@ -178,7 +178,7 @@ class AnomalyScorer(nn.Module):
     def choose_beta(self, labels, terms: dict[str, torch.Tensor]) -> dict[float, float]:
         """Set the beta of ``BETA_GRID`` with the best AUC on these (validation) terms; ties go to the configured
         beta. Returns the AUC of every beta."""
-        aucs = {beta: float(roc_auc_score(labels, self.combine(terms, beta).numpy())) for beta in BETA_GRID}
+        aucs = {beta: float(roc_auc_score(labels, self.combine(terms, beta).cpu().numpy())) for beta in BETA_GRID}
         best = max(aucs.values())
         chosen = min((b for b, auc in aucs.items() if auc >= best - 1e-12), key=lambda b: abs(b - self.configured_beta))
         self.set_beta(chosen)
@@ -201,10 +201,10 @@ class AnomalyScorer(nn.Module):
             self.beta_aucs = self.choose_beta(labels[labelled], {k: v[labelled] for k, v in terms.items()})
         scores = self.combine(terms)
         if both_classes:
-            self.threshold.fill_(best_f1_threshold(labels[labelled], scores[labelled].numpy()))
+            self.threshold.fill_(best_f1_threshold(labels[labelled], scores[labelled].cpu().numpy()))
         if normal_pixels is not None and normal_pixels["flow"].numel():
             values = self.combine(normal_pixels).flatten().float()
-            self.pixel_threshold.fill_(float(np.quantile(values.numpy(), self.mask_quantile)))
+            self.pixel_threshold.fill_(float(np.quantile(values.cpu().numpy(), self.mask_quantile)))
         return scores
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from ignite.engine import Events
 from scripts.checkpoints import ResumeCheckpoint
 from scripts.deploy import AnomalyOutputWriter
 from scripts.engines import AEFlowTrainer
@@ -62,6 +63,49 @@ def test_train_amp_runs_the_network_in_bfloat16_and_the_loss_in_float32(train_am
     assert loss.dtypes and all(dtype == torch.float32 for dtypes in loss.dtypes for dtype in dtypes)
     assert all(math.isfinite(value) for value in loss.values)
     assert all(not torch.equal(b, p) for b, p in zip(before, network.trainable_parameters()))  # it trained
+
+
+def _amp_trainer(batches: int, init_scale: float) -> AEFlowTrainer:
+    """A float16-style run on the CPU: a CPU GradScaler plays the part CUDA's plays beside float16 autocast."""
+    torch.manual_seed(0)
+    network = AEFlow(encoder_weights="none", image_size=SIZE, flow_blocks=1)
+    trainer = AEFlowTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=_batches(n=batches),
+        network=network,
+        optimizer=torch.optim.Adam(network.trainable_parameters(), lr=1e-3),
+        loss_function=AEFlowLoss(alpha=0.5),
+        amp=True,
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+    trainer.add_event_handler(Events.STARTED, lambda engine: setattr(engine, "scaler", scaler))  # run() makes one
+    return trainer
+
+
+def test_a_loss_scale_overflow_is_skipped_by_the_scaler_and_training_goes_on():
+    """The first CUDA runs stopped at a float16 scale overflow (an infinite scaled gradient) as if the flow had
+    diverged. Here the first batch's gradient overflows, as at a too-large scale; the scaler must skip that step,
+    halve its scale and train on."""
+    trainer = _amp_trainer(batches=3, init_scale=2.0**16)
+    overflows = iter([True])
+    first = next(iter(trainer.network.trainable_parameters()))
+    first.register_hook(lambda grad: grad * float("inf") if next(overflows, False) else grad)
+    before = [p.detach().clone() for p in trainer.network.trainable_parameters()]
+    trainer.run()
+    assert trainer.scaler.get_scale() == 2.0**15  # one overflow seen, the scale halved once
+    assert trainer.state.skipped_batches == 0  # not counted as divergence
+    assert all(not torch.equal(b, p) for b, p in zip(before, trainer.network.trainable_parameters()))  # it trained
+
+
+@pytest.mark.parametrize("init_scale", [0.5, None])
+def test_gradients_that_are_not_finite_unscaled_still_stop_training(init_scale):
+    trainer = _amp_trainer(batches=2, init_scale=init_scale or 1.0)
+    if init_scale is None:
+        trainer.add_event_handler(Events.STARTED, lambda engine: setattr(engine, "scaler", None))  # plain float32
+    next(iter(trainer.network.trainable_parameters())).register_hook(lambda grad: grad * float("nan"))
+    with pytest.raises(FloatingPointError, match="Non-finite gradient at epoch 1, iteration 1"):
+        trainer.run()
 
 
 def test_command_line_booleans_mean_what_they_say(tmp_path):
