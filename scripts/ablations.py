@@ -198,11 +198,12 @@ def beta_curve(eval_dir: Path, betas=BETAS) -> dict[float, float]:
 
 
 def alpha_beta(configs, overrides, output: Path, alphas=ALPHAS, betas=BETAS) -> dict:
-    """Figure 7: one training per alpha, every beta scored from it; a JSON table and a heat-map PNG."""
+    """Figure 7: one training per alpha, every beta scored from it; a JSON table and a heat-map PNG. A rerun reuses
+    finished alphas."""
     grid, runs = [], {}
     for alpha in alphas:
         workdir = output / f"alpha_{alpha:g}"
-        runs[alpha] = run_setting(configs, {**overrides, "alpha": alpha, "beta_selection": "fixed"}, workdir)
+        runs[alpha] = run_or_reuse(configs, {**overrides, "alpha": alpha, "beta_selection": "fixed"}, workdir)
         grid.append([beta_curve(workdir / "eval", betas)[beta] for beta in betas])
     table = {"alphas": list(alphas), "betas": list(betas), "test_auc": grid, "runs": runs}
     reports.write_json(output / "alpha_beta.json", table)
@@ -213,13 +214,16 @@ def alpha_beta(configs, overrides, output: Path, alphas=ALPHAS, betas=BETAS) -> 
 
 
 def subnet_loss(configs, overrides, output: Path) -> dict:
-    """Table 3: both flow subnets with both reconstruction losses."""
-    table = {}
+    """Table 3: both flow subnets with both reconstruction losses; also as a comparison table (the kept model's
+    validation AUC beside the test metrics) with every setting's ROC. A rerun reuses finished settings."""
+    table, folders = {}, {}
     for subnet in SUBNETS:
         for recon_loss in RECON_LOSSES:
-            setting = {**overrides, "subnet": subnet, "recon_loss": recon_loss}
-            table[f"{subnet}+{recon_loss}"] = run_setting(configs, setting, output / f"{subnet}_{recon_loss}")
+            name, setting = f"{subnet}+{recon_loss}", {**overrides, "subnet": subnet, "recon_loss": recon_loss}
+            folders[name] = output / f"{subnet}_{recon_loss}"
+            table[name] = run_or_reuse(configs, setting, folders[name])
     reports.write_json(output / "subnet_loss.json", table)
+    write_comparison(output, table, folders)
     return table
 
 

@@ -28,6 +28,11 @@ def test_ablation_commands_on_one_trained_setting(bundle_root, tiny_dataset, tmp
     assert run["scorer"]["beta"] == 0.9  # beta_selection is forced to fixed: every beta is scored afterwards
     at_trained_beta = table["test_auc"][0][table["betas"].index(0.9)]
     assert abs(at_trained_beta - 100 * run["paper_protocol"]["auc"]) < 1e-6
+    model = tmp_path / "alpha_0.5" / "models" / "model.pt"
+    trained_at = model.stat().st_mtime_ns
+    ablations.main(["alpha-beta", "--output", str(tmp_path), "--alphas", "0.5", *common])  # a rerun: nothing trains
+    assert model.stat().st_mtime_ns == trained_at
+    assert json.loads((tmp_path / "alpha_beta.json").read_text())["test_auc"] == table["test_auc"]
 
     result_file = tmp_path / "result.json"
     ablations.main(
