@@ -88,7 +88,7 @@ def test_shipped_chest_xray_model_is_the_recorded_run(bundle_root):
     assert [member.settings["encoder"] for member in network.members] == ["efficientnet-lite0", "efficientnet-lite2"]
     for member in network.members:
         assert member.method == "ae-flow" and member.settings["image_size"] == [256, 256]
-        assert member.settings["subnet"] == "cnn2" and member.settings["feature_norm"] == "layernorm"
+        assert member.settings["subnet"] == "resnet" and member.settings["feature_norm"] == "layernorm"
     assert len(record["settings"]["ensemble_members"]) == 2
     assert network.scorer.beta == record["scorer"]["beta"]
     assert float(network.scorer.threshold) == pytest.approx(record["scorer"]["threshold"])
