@@ -168,16 +168,17 @@ class AEFlowTrainer(SupervisedTrainer):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         max_norm = self.grad_clip_norm if self.grad_clip_norm else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm) if params else torch.zeros(())
-        if not torch.isfinite(grad_norm) and _scale_overflow(scaler):
-            scaler.step(optimizer)  # skipped by the scaler itself, which found the overflow when unscaling
-            scaler.update()  # and lowers its scale
-            optimizer.zero_grad(set_to_none=True)
-            return False
-        if not torch.isfinite(grad_norm) and self._nonfinite(engine, prefix + "gradient"):
-            optimizer.zero_grad(set_to_none=True)  # the policy cleared the trainer's own optimiser; this one too
-            if scaler is not None:
-                scaler.update()
-            return False
+        if not torch.isfinite(grad_norm):  # one check (a device sync on a GPU), two causes
+            if _scale_overflow(scaler):
+                scaler.step(optimizer)  # skipped by the scaler itself, which found the overflow when unscaling
+                scaler.update()  # and lowers its scale
+                optimizer.zero_grad(set_to_none=True)
+                return False
+            if self._nonfinite(engine, prefix + "gradient"):
+                optimizer.zero_grad(set_to_none=True)  # the policy cleared the trainer's own optimiser; this one too
+                if scaler is not None:
+                    scaler.update()
+                return False
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
