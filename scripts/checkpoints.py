@@ -334,7 +334,13 @@ class ResumeCheckpoint:
             return
         checkpoint = load_checkpoint(latest, self.map_location)
         prior_max_epochs = engine.state.max_epochs
-        _load_objects(self._present_in(checkpoint, latest), checkpoint, latest)
+        try:
+            _load_objects(self._present_in(checkpoint, latest), checkpoint, latest)
+        except CheckpointError as error:  # another run's checkpoint, e.g. the demo's in the same models/ folder
+            raise CheckpointError(
+                f"{error} It is another run's resume checkpoint: give this run its own --ckpt_dir, or start afresh "
+                f"with --resume false (or delete {self.save_dir})."
+            ) from error
         if engine.state.epoch > prior_max_epochs:
             raise ValueError(f"{latest} is at epoch {engine.state.epoch}, past max_epochs {prior_max_epochs}.")
         engine.state.max_epochs = prior_max_epochs

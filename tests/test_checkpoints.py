@@ -162,8 +162,12 @@ def test_resume_checkpoint_names_the_encoder_it_was_saved_with(tmp_path):
     resume = ResumeCheckpoint(str(tmp_path / "resume"), {"model": other})
     engine = Engine(lambda e, b: None)
     resume.attach(engine)
-    with pytest.raises(CheckpointError, match="saved with encoder 'efficientnet-lite0' but this run uses 'efficie"):
+    with pytest.raises(
+        CheckpointError, match="saved with encoder 'efficientnet-lite0' but this run uses 'efficie"
+    ) as refused:
         engine.run([0], max_epochs=1)
+    # the remedy for a run that follows another in the same folder (the README's demo, then Chest X-ray)
+    assert "give this run its own --ckpt_dir, or start afresh with --resume false" in str(refused.value)
 
 
 def test_an_unset_threshold_is_not_a_numerical_fault():
