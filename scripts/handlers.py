@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -18,19 +19,35 @@ from .scores import TERMS, pixel_sample, volume_score
 logger = logging.getLogger(__name__)
 
 
-def _batched(data) -> dict:
-    """Engines with ``decollate=True`` hand over a list of per-item dicts; stack it back into one dict."""
-    if isinstance(data, dict):
-        return data
-    keys = [k for k in data[0] if isinstance(data[0][k], (torch.Tensor, int, float, str))]
-    return {
-        k: (
-            torch.stack([torch.as_tensor(d[k]) for d in data])
-            if not isinstance(data[0][k], str)
-            else [d[k] for d in data]
-        )
-        for k in keys
-    }
+class _StackedItems(Mapping):
+    """Per-item dicts seen as one batch dict, each key stacked when first read: maps inverted onto each input's
+    own grid differ in size between the inputs of a batch and are never stacked unless a handler reads them."""
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+        self.stacked: dict = {}
+
+    def __getitem__(self, key):
+        if key not in self.stacked:
+            values = [item[key] for item in self.items]  # KeyError for a key the items lack
+            if isinstance(values[0], str):
+                self.stacked[key] = values
+            elif isinstance(values[0], (torch.Tensor, int, float)):
+                self.stacked[key] = torch.stack([torch.as_tensor(v) for v in values])
+            else:
+                raise KeyError(key)
+        return self.stacked[key]
+
+    def __iter__(self):
+        return (k for k in self.items[0] if isinstance(self.items[0][k], (torch.Tensor, int, float, str)))
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+def _batched(data) -> Mapping:
+    """Engines with ``decollate=True`` hand over a list of per-item dicts; read it as one batch dict."""
+    return data if isinstance(data, dict) else _StackedItems(data)
 
 
 def _filenames(batch, key: str, count: int) -> list[str]:

@@ -226,6 +226,27 @@ def test_2d_png_and_jpeg_score_in_inference_exactly_as_in_evaluation(image_bundl
     assert not list((tmp_path / "infer").glob("*.nii.gz"))  # NIfTI for 2D input only when asked
 
 
+def test_batched_inference_of_images_of_different_sizes_writes_each_on_its_own_grid(image_bundle, tmp_path):
+    """A batch holds inputs of any size (each is resized for the network); the maps inverted onto the inputs' grids
+    differ in size and are written per input, with the scores of one image per batch."""
+    bundle, images = image_bundle
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for k, image in enumerate(images[:3]):
+        with PILImage.open(image) as source:
+            source.resize((40 + 7 * k, 36 + 5 * k)).save(folder / f"size{k}.png")
+    _infer(bundle, folder, tmp_path / "single")
+    _infer(bundle, folder, tmp_path / "batched", batch_size=3)
+    single = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "single" / "scores.csv")}
+    batched = {r["name"]: float(r["score"]) for r in _csv(tmp_path / "batched" / "scores.csv")}
+    assert sorted(batched) == sorted(single) and len(batched) == 3
+    for name, score in single.items():
+        assert batched[name] == pytest.approx(score, abs=1e-4), name
+    for k in range(3):
+        with PILImage.open(tmp_path / "batched" / f"size{k}_anomaly_map.png") as written:
+            assert written.size == (40 + 7 * k, 36 + 5 * k)
+
+
 def test_inference_with_a_zero_weight_term_left_out_writes_the_same_outputs(image_bundle, tmp_path):
     """A model whose validation chose beta 1 (the shipped Chest X-ray members did): inference leaves the decoder and
     the SSIM map out by default (``skip_unweighted_terms``) and writes the scores, maps and masks of the full
