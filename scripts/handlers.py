@@ -14,6 +14,7 @@ from ignite.engine import Engine, Events
 from . import reports
 from .distributed import unwrapped
 from .metrics import METRICS, anomaly_metrics, validation_protocol
+from .options import optional_count
 from .scores import TERMS, pixel_sample, volume_score
 
 logger = logging.getLogger(__name__)
@@ -344,10 +345,8 @@ class EarlyStopOnValidation:
         interval: int = 1,
         min_delta: float = 0.0,
     ):
-        if patience is not None and int(patience) < 0:
-            raise ValueError(f"early_stop_patience must be a number of validations (0 or null: off), got {patience}.")
         self.validator = validator
-        self.patience = int(patience or 0)
+        self.patience = optional_count(patience, "early_stop_patience (validations; 0 or null: off)") or 0
         self.metric_name = metric_name
         self.interval = max(1, int(interval))
         self.min_delta = float(min_delta)

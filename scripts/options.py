@@ -1,9 +1,12 @@
 """Config values as users type them: ``python -m monai.bundle run ... --resume false`` hands the text "false" to the
 config (Python Fire reads only ``False`` as a boolean), and the text "false" is true in Python. Boolean keys read
-through ``flag``, so both spellings mean what they say and anything else is refused with the key named.
+through ``flag``, so both spellings mean what they say and anything else is refused with the key named. Likewise
+``--early_stop_patience null`` hands over the text "null": optional counts read through ``optional_count``.
 
 >>> flag("false", "resume"), flag(True, "resume"), flag("Yes", "amp")
 (False, True, True)
+>>> optional_count("null", "early_stop_patience"), optional_count("5", "early_stop_patience")
+(None, 5)
 """
 
 from __future__ import annotations
@@ -21,3 +24,19 @@ def flag(value, name: str) -> bool:
     if word in FALSE_WORDS:
         return False
     raise ValueError(f"{name} must be true or false, got {value!r}.")
+
+
+NULL_WORDS = ("null", "none", "")
+
+
+def optional_count(value, name: str) -> int | None:
+    """A count of 0 or more, or None (also typed as null or None)."""
+    if value is None or (isinstance(value, str) and value.strip().lower() in NULL_WORDS):
+        return None
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a whole number of 0 or more, or null, got {value!r}.") from None
+    if count < 0 or count != float(value):
+        raise ValueError(f"{name} must be a whole number of 0 or more, or null, got {value!r}.")
+    return count

@@ -103,6 +103,9 @@ def test_early_stop_waits_patience_validations_after_the_best():
     assert _train_with_validation_aucs(aucs, patience=3) == 6  # best at 3; 4, 5, 6 do not beat it
     assert _train_with_validation_aucs(aucs, patience=4) == 8  # epoch 7 beats it in time
     assert _train_with_validation_aucs(aucs, patience=None) == 8
+    # as `python -m monai.bundle run ... --early_stop_patience null` (or 3) hands it over: text
+    assert _train_with_validation_aucs(aucs, patience="null") == 8
+    assert _train_with_validation_aucs(aucs, patience="3") == 6
     # validation every second epoch: patience counts validations, not epochs
     assert _train_with_validation_aucs([0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5], 2, interval=2) == 6
 
@@ -112,6 +115,8 @@ def test_early_stop_refuses_negative_patience():
 
     with pytest.raises(ValueError, match="early_stop_patience"):
         EarlyStopOnValidation(validator=None, patience=-1)
+    with pytest.raises(ValueError, match="early_stop_patience"):
+        EarlyStopOnValidation(validator=None, patience="five")
 
 
 def test_lr_schedule_refuses_unknown_names_and_empty_budgets():
