@@ -72,7 +72,12 @@ def ssim_valid(
     with torch.autocast(image.device.type, enabled=False):
         x = reconstruction.float().flatten(0, 1)
         y = image.float().flatten(0, 1)
-        mu_x, mu_y, xx, yy, xy = gaussian_blur(torch.cat([x, y, x * x, y * y, x * y]), window).chunk(5)
+        if y.requires_grad or not x.requires_grad:
+            mu_x, mu_y, xx, yy, xy = gaussian_blur(torch.cat([x, y, x * x, y * y, x * y]), window).chunk(5)
+        else:  # the loss: the target's two moment maps need no gradient, which spares 2 of 5 maps' backward
+            mu_x, xx, xy = gaussian_blur(torch.cat([x, x * x, x * y]), window).chunk(3)
+            with torch.no_grad():
+                mu_y, yy = gaussian_blur(torch.cat([y, y * y]), window).chunk(2)
         sigma_x, sigma_y, sigma_xy = xx - mu_x * mu_x, yy - mu_y * mu_y, xy - mu_x * mu_y
         ssim = ((2 * mu_x * mu_y + c1) / (mu_x**2 + mu_y**2 + c1)) * ((2 * sigma_xy + c2) / (sigma_x + sigma_y + c2))
     return ssim.reshape(image.shape[0], image.shape[1], *ssim.shape[-2:])
