@@ -149,6 +149,7 @@ def test_onnx_runtime_encoder_scores_as_pytorch(bundle_root, tiny_dataset, train
             bundle_root, ["inference.json"], "infer", **override, output_dir=str(out), encoder_runtime=runtime
         )
         assert workflow.network_def.encoder.runtime == runtime  # set in network_def: MONAI Label builds that id
+        assert workflow.parser.get_parsed_content("batch_size") == 1  # volumes one at a time, on either runtime
         workflow.run()
         workflow.finalize()
         scores[runtime] = {r["name"]: float(r["score"]) for r in csv.DictReader(open(out / "scores.csv"))}

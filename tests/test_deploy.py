@@ -247,6 +247,17 @@ def test_batched_inference_of_images_of_different_sizes_writes_each_on_its_own_g
             assert written.size == (40 + 7 * k, 36 + 5 * k)
 
 
+def test_inference_batches_2d_images_by_default_only_on_onnx_runtime(image_bundle):
+    """Measured on the 2-core CPU (docs/benchmarks.md): batches of 8 speed up ONNX Runtime's encoder and slow
+    PyTorch's, so the default batch follows the runtime; volumes are scored one at a time either way."""
+    bundle, _ = image_bundle
+    for runtime, expected in (("torch", 1), ("onnxruntime", 8)):
+        parser = ConfigParser()
+        parser.read_config(str(bundle / "configs" / "inference.json"))
+        parser.update({"bundle_root": str(bundle), "encoder_runtime": runtime})
+        assert parser.get_parsed_content("batch_size") == expected
+
+
 def test_inference_with_a_zero_weight_term_left_out_writes_the_same_outputs(image_bundle, tmp_path):
     """A model whose validation chose beta 1 (the shipped Chest X-ray members did): inference leaves the decoder and
     the SSIM map out by default (``skip_unweighted_terms``) and writes the scores, maps and masks of the full
