@@ -35,8 +35,9 @@ def optional_count(value, name: str) -> int | None:
         return None
     try:
         count = int(value)
+        whole = count >= 0 and count == float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a whole number of 0 or more, or null, got {value!r}.") from None
-    if count < 0 or count != float(value):
+        whole = False
+    if not whole:
         raise ValueError(f"{name} must be a whole number of 0 or more, or null, got {value!r}.")
     return count
