@@ -4,7 +4,8 @@ the one-off encoding rate, inference images/s (float32, and bf16 autocast on CPU
 and peak resident memory, for each encoder at the paper's 256 x 256, on the same images.
 
     python -m scripts.benchmark --encoders efficientnet-lite0 wide_resnet50_2 --output docs/benchmarks
-    python -m scripts.benchmark --folder ../shared/data/chest_xray_kermany/test/NORMAL --model-dir models/chest_xray
+    python -m scripts.benchmark --folder ../shared/data/chest_xray_kermany/test --input-glob "*/*.jpeg" \
+        --model-dir models/chest_xray_lite0 --settings 1x0 8x0:onnxruntime
 
 Each encoder is measured in its own process so that its peak memory is its own. Speed does not depend on the
 weights' values, so Wide-ResNet-50-2 is timed with random weights when its ImageNet file is not available (said
@@ -136,11 +137,13 @@ def folder_setting(text: str) -> tuple[int, int, str]:
         raise ValueError(f"--settings {text!r}: {error}") from None
 
 
-def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int, str]], output: Path) -> list[dict]:
+def folder_inference(
+    model_dir: str, folder: str, settings: list[tuple[int, int, str]], output: Path, input_glob: str | None = None
+) -> list[dict]:
     """What users run: ``configs/inference.json`` on a folder (decode, preprocessing, network, score, writing maps
     and masks), timed from the first batch to the last output, once per (batch_size, num_workers, encoder_runtime);
     imports and model loading are left out and reported apart. The scores of every setting are compared with the
-    first's."""
+    first's. ``input_glob`` (e.g. ``*/*.jpeg``: every class folder of a split) replaces the config's file pattern."""
     import csv
 
     from .engines import bundle_workflow
@@ -160,6 +163,7 @@ def folder_inference(model_dir: str, folder: str, settings: list[tuple[int, int,
             batch_size=batch_size,
             num_workers=workers,
             encoder_runtime=runtime,
+            **({"input_glob": input_glob} if input_glob else {}),
         )
         loaded = time.perf_counter()
         workflow.run()
@@ -220,6 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--folder", help="time configs/inference.json end to end on this folder of images instead")
     parser.add_argument("--model-dir", default="models/chest_xray", help="--folder: the folder of model.pt")
     parser.add_argument(
+        "--input-glob", help="--folder: the files to score (default: the config's); */*.jpeg: subfolders"
+    )
+    parser.add_argument(
         "--settings",
         nargs="+",
         default=["1x0", "16x0", "16x2"],
@@ -245,12 +252,13 @@ def main(argv: list[str] | None = None) -> None:
         settings = [folder_setting(setting) for setting in args.settings]
         report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_1min": load, "folder": args.folder}
         report["model_dir"] = args.model_dir
-        report["results"] = folder_inference(args.model_dir, args.folder, settings, Path("eval") / "benchmark")
+        report["input_glob"] = args.input_glob
+        own = Path("eval") / "benchmark"
+        report["results"] = folder_inference(args.model_dir, args.folder, settings, own, args.input_glob)
         if args.peer_model_dir:  # the peer at every setting too, so that each ratio compares like with like
             report["peer_model_dir"] = args.peer_model_dir
-            report["peer"] = folder_inference(
-                args.peer_model_dir, args.folder, settings, Path("eval") / "benchmark_peer"
-            )
+            peer = Path("eval") / "benchmark_peer"
+            report["peer"] = folder_inference(args.peer_model_dir, args.folder, settings, peer, args.input_glob)
             report["ratio_to_peer"] = [
                 own["images_per_s"] / peer["images_per_s"] for own, peer in zip(report["results"], report["peer"])
             ]

@@ -247,6 +247,24 @@ def test_batched_inference_of_images_of_different_sizes_writes_each_on_its_own_g
             assert written.size == (40 + 7 * k, 36 + 5 * k)
 
 
+def test_folder_benchmark_scores_every_class_folder_of_a_split(image_bundle, tmp_path, monkeypatch):
+    """``scripts.benchmark --folder SPLIT --input-glob "*/*.png"`` times the whole split, its class folders together,
+    with the same scores at every setting."""
+    from scripts import benchmark
+
+    bundle, images = image_bundle
+    split = tmp_path / "test"
+    for k, image in enumerate([p for p in images if p.suffix == ".png"][:4]):
+        (split / ("normal", "abnormal")[k % 2]).mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, split / ("normal", "abnormal")[k % 2] / image.name)
+    monkeypatch.chdir(tmp_path)
+    rows = benchmark.folder_inference(
+        str(bundle / "models"), str(split), [(1, 0, "torch"), (2, 0, "torch")], tmp_path / "out", "*/*.png"
+    )
+    assert [row["images"] for row in rows] == [len(list(split.glob("*/*.png")))] * 2 and rows[0]["images"] >= 2
+    assert rows[1]["max_score_difference"] <= 1e-4
+
+
 def test_inference_batches_2d_images_by_default_only_on_onnx_runtime(image_bundle):
     """Measured on the 2-core CPU (docs/benchmarks.md): batches of 8 speed up ONNX Runtime's encoder and slow
     PyTorch's, so the default batch follows the runtime; volumes are scored one at a time either way."""
