@@ -253,12 +253,12 @@ def main(argv: list[str] | None = None) -> None:
         report = {"machine": machine(), "date": time.strftime("%Y-%m-%d"), "load_1min": load, "folder": args.folder}
         report["model_dir"] = args.model_dir
         report["input_glob"] = args.input_glob
-        own = Path("eval") / "benchmark"
-        report["results"] = folder_inference(args.model_dir, args.folder, settings, own, args.input_glob)
+        own_dir = Path("eval") / "benchmark"
+        report["results"] = folder_inference(args.model_dir, args.folder, settings, own_dir, args.input_glob)
         if args.peer_model_dir:  # the peer at every setting too, so that each ratio compares like with like
             report["peer_model_dir"] = args.peer_model_dir
-            peer = Path("eval") / "benchmark_peer"
-            report["peer"] = folder_inference(args.peer_model_dir, args.folder, settings, peer, args.input_glob)
+            peer_dir = Path("eval") / "benchmark_peer"
+            report["peer"] = folder_inference(args.peer_model_dir, args.folder, settings, peer_dir, args.input_glob)
             report["ratio_to_peer"] = [
                 own["images_per_s"] / peer["images_per_s"] for own, peer in zip(report["results"], report["peer"])
             ]
