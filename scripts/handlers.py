@@ -20,6 +20,9 @@ from .scores import TERMS, pixel_sample, volume_score
 logger = logging.getLogger(__name__)
 
 
+BATCHABLE = (torch.Tensor, int, float, str)  # the per-item values a handler reads as one batch
+
+
 class _StackedItems(Mapping):
     """Per-item dicts seen as one batch dict, each key stacked when first read: maps inverted onto each input's
     own grid differ in size between the inputs of a batch and are never stacked unless a handler reads them."""
@@ -33,14 +36,14 @@ class _StackedItems(Mapping):
             values = [item[key] for item in self.items]  # KeyError for a key the items lack
             if isinstance(values[0], str):
                 self.stacked[key] = values
-            elif isinstance(values[0], (torch.Tensor, int, float)):
+            elif isinstance(values[0], BATCHABLE):
                 self.stacked[key] = torch.stack([torch.as_tensor(v) for v in values])
             else:
                 raise KeyError(key)
         return self.stacked[key]
 
     def __iter__(self):
-        return (k for k in self.items[0] if isinstance(self.items[0][k], (torch.Tensor, int, float, str)))
+        return (k for k in self.items[0] if isinstance(self.items[0][k], BATCHABLE))
 
     def __len__(self) -> int:
         return sum(1 for _ in self)

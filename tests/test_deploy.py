@@ -255,8 +255,9 @@ def test_folder_benchmark_scores_every_class_folder_of_a_split(image_bundle, tmp
     bundle, images = image_bundle
     split = tmp_path / "test"
     for k, image in enumerate([p for p in images if p.suffix == ".png"][:4]):
-        (split / ("normal", "abnormal")[k % 2]).mkdir(parents=True, exist_ok=True)
-        shutil.copy(image, split / ("normal", "abnormal")[k % 2] / image.name)
+        class_folder = split / ("normal", "abnormal")[k % 2]
+        class_folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, class_folder / image.name)
     monkeypatch.chdir(tmp_path)
     rows = benchmark.folder_inference(
         str(bundle / "models"), str(split), [(1, 0, "torch"), (2, 0, "torch")], tmp_path / "out", "*/*.png"
