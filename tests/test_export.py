@@ -4,7 +4,7 @@ config embedded) and ``onnx_export`` give the eager network's anomaly maps, and 
 The exported forward returns the anomaly map only; the image score compared is the map's mean, which with the
 default ``score_reduction`` "mean" is exactly ``network.score(image)["score"]`` (checked against eager too).
 Tolerances: TorchScript 1e-5, ONNX Runtime 1e-4 (absolute and relative). The exports work because the
-SSIM term is built from fixed shapes (``scripts.ssim``: banded matrices of the traced size), not at run time.
+SSIM term is built from fixed shapes (``scripts.ssim``: depthwise kernels of the traced size), not at run time.
 """
 
 from __future__ import annotations
