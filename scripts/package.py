@@ -7,10 +7,11 @@ and the modality given here, with the output as Deploy and Label receive it (``r
 
     python -m scripts.package --output dist/aeflow_anomaly
     python -m scripts.package --model models/chest_xray/model.pt --modality DX --output dist/aeflow_chest_xray
-    python -m scripts.package --output dist/aeflow_anomaly_ort --encoder-runtime onnxruntime
+    python -m scripts.package --output dist/aeflow_anomaly_torch --encoder-runtime torch
 
 ``--encoder-runtime`` writes the packaged ``inference.json``'s ``encoder_runtime``, which Deploy and Label read
-(``onnxruntime``: the frozen encoder on ONNX Runtime, CPU only; docs/README.md, "Speed and scale").
+(default ``auto``: the frozen encoder on ONNX Runtime on a CPU, on PyTorch on a GPU; ``torch`` or ``onnxruntime``
+force one; docs/README.md, "Speed and scale").
 """
 
 from __future__ import annotations
@@ -84,7 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="the bundle folder to create, e.g. dist/aeflow_anomaly")
     parser.add_argument("--model", help="the model file to ship (default: models/model.pt)")
     parser.add_argument("--modality", help="DICOM modality of the model's input, e.g. MR, DX, CR, XC")
-    parser.add_argument("--encoder-runtime", help="the packaged inference's encoder_runtime: torch or onnxruntime")
+    parser.add_argument(
+        "--encoder-runtime", help="the packaged inference's encoder_runtime: auto (the default), torch or onnxruntime"
+    )
     args = parser.parse_args(argv)
     try:
         print(build(args.output, args.model, args.modality, args.encoder_runtime))

@@ -32,7 +32,8 @@ def test_measure_and_report(tmp_path):
 
 
 def test_folder_settings_name_batch_workers_and_encoder_runtime():
-    assert benchmark.folder_setting("16x2") == (16, 2, "torch")
+    assert benchmark.folder_setting("16x2") == (16, 2, "auto")  # the bundle's default runtime
+    assert benchmark.folder_setting("1x0:torch") == (1, 0, "torch")
     assert benchmark.folder_setting("1x0:onnxruntime") == (1, 0, "onnxruntime")
     for bad in ("16", "1x0:tensorrt", "ax0"):
         with pytest.raises(ValueError, match="--settings"):

@@ -268,13 +268,23 @@ def test_folder_benchmark_scores_every_class_folder_of_a_split(image_bundle, tmp
 
 def test_inference_batches_2d_images_by_default_only_on_onnx_runtime(image_bundle):
     """Measured on the 2-core CPU (docs/benchmarks.md): batches of 8 speed up ONNX Runtime's encoder and slow
-    PyTorch's, so the default batch follows the runtime; volumes are scored one at a time either way."""
+    PyTorch's, so the default batch follows the runtime; volumes are scored one at a time either way. The default
+    runtime, ``auto``, is ONNX Runtime on a CPU, in inference and evaluation alike."""
     bundle, _ = image_bundle
-    for runtime, expected in (("torch", 1), ("onnxruntime", 8)):
+    for runtime, expected in ((None, 8), ("auto", 8), ("torch", 1), ("onnxruntime", 8)):
         parser = ConfigParser()
         parser.read_config(str(bundle / "configs" / "inference.json"))
-        parser.update({"bundle_root": str(bundle), "encoder_runtime": runtime})
+        parser.update({"bundle_root": str(bundle), "device": "$torch.device('cpu')"})
+        if runtime is not None:
+            parser.update({"encoder_runtime": runtime})
         assert parser.get_parsed_content("batch_size") == expected
+        network = parser.get_parsed_content("network_def")
+        assert network.encoder.runtime_for("cpu") == ("torch" if runtime == "torch" else "onnxruntime")
+    parser.update({"device": "$torch.device('cuda')", "encoder_runtime": "auto"})  # PyTorch on a GPU: one at a time
+    assert parser.get_parsed_content("batch_size") == 1
+    evaluation = ConfigParser()
+    evaluation.read_config([str(bundle / "configs" / name) for name in ("train.json", "evaluate.json")])
+    assert evaluation.get("encoder_runtime") == parser.get("encoder_runtime") == "auto"
 
 
 def test_inference_with_a_zero_weight_term_left_out_writes_the_same_outputs(image_bundle, tmp_path):

@@ -130,6 +130,23 @@ def test_another_encoder_never_reuses_the_cache(images, network, tmp_path):
     assert _dataset(images, other, tmp_path).disk_hits == 0
 
 
+def test_onnx_runtime_features_never_mix_with_pytorchs(images, tmp_path):
+    """Evaluation scores with ONNX Runtime's encoder on a CPU (``encoder_runtime: auto``), training encodes with
+    PyTorch's: each reads its own entries, and PyTorch's keep the key they had before runtimes existed."""
+    torch.manual_seed(0)
+    network = AEFlow(encoder="efficientnet-lite0", encoder_weights="none", image_size=SIZE, flow_blocks=2).eval()
+    torch_keyed = _dataset(images, network, tmp_path).fingerprint
+    network.encoder.use_runtime("auto")
+    scored = _dataset(images, network, tmp_path)
+    assert scored.disk_hits == 0 and scored.fingerprint != torch_keyed
+    assert _dataset(images, network, tmp_path).disk_hits == len(images)  # and its own are reused
+    on_gpu = FeatureCacheDataset([], _preprocessing(), encoder=network.encoder, device="cuda")  # auto: PyTorch there
+    assert (
+        on_gpu.fingerprint
+        == FeatureCacheDataset([], _preprocessing(), encoder=network.encoder.use_runtime("torch")).fingerprint
+    )
+
+
 def test_half_written_cache_file_is_detected_and_rebuilt(images, network, tmp_path, caplog):
     reference = _dataset(images, network, tmp_path)
     victim = sorted(tmp_path.glob("*.pt"))[0]

@@ -201,6 +201,22 @@ def test_onnx_runtime_encoder_follows_the_loaded_weights():
         encoder.use_runtime("tensorrt")
 
 
+def test_auto_runtime_is_onnx_runtime_on_the_cpu_and_pytorch_on_a_gpu():
+    """``auto``, the scoring default: ONNX Runtime where it is faster (the CPU), PyTorch where ONNX Runtime's CPU
+    session cannot take the images (a GPU); the choice is made per call, from the images' device."""
+    torch.manual_seed(0)
+    encoder = build_encoder("efficientnet-lite0", "none")
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = encoder(images)
+        assert encoder.runtime_for("cpu") == "torch" and not encoder._sessions  # training's: PyTorch everywhere
+        encoder.use_runtime("auto")
+        assert encoder.runtime_for("cpu") == "onnxruntime" and encoder.runtime_for(torch.device("cuda:0")) == "torch"
+        assert torch.allclose(encoder(images), expected, atol=1e-4)
+        assert encoder._sessions  # the CPU images went through an ONNX Runtime session
+        assert encoder.use_runtime("onnxruntime").runtime_for("cuda") == "onnxruntime"  # forced: refused on a GPU
+
+
 def _collect_inherited_encoder_then_encode(state: dict, images: torch.Tensor, expected: torch.Tensor) -> None:
     import gc
 
