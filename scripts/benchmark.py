@@ -137,13 +137,30 @@ def folder_setting(text: str) -> tuple[int, int, str]:
         raise ValueError(f"--settings {text!r}: {error}") from None
 
 
+def folder_auc(scores: dict[str, float], normal: str) -> float:
+    """ROC AUC of scores keyed by file path, the files in a folder named ``normal`` normal and all others
+    abnormal (the class-folder layout of ``--input-glob "*/*.jpeg"``): a speed setting must keep it."""
+    from sklearn.metrics import roc_auc_score
+
+    labels = [int(Path(name).parent.name != normal) for name in scores]
+    if len(set(labels)) < 2:
+        raise ValueError(f"--normal {normal!r}: the scored files need both a folder of that name and another one.")
+    return float(roc_auc_score(labels, list(scores.values())))
+
+
 def folder_inference(
-    model_dir: str, folder: str, settings: list[tuple[int, int, str]], output: Path, input_glob: str | None = None
+    model_dir: str,
+    folder: str,
+    settings: list[tuple[int, int, str]],
+    output: Path,
+    input_glob: str | None = None,
+    normal: str | None = None,
 ) -> list[dict]:
     """What users run: ``configs/inference.json`` on a folder (decode, preprocessing, network, score, writing maps
     and masks), timed from the first batch to the last output, once per (batch_size, num_workers, encoder_runtime);
     imports and model loading are left out and reported apart. The scores of every setting are compared with the
-    first's. ``input_glob`` (e.g. ``*/*.jpeg``: every class folder of a split) replaces the config's file pattern."""
+    first's, and with ``normal`` (the normal class's folder name) each setting's AUC is reported. ``input_glob``
+    (e.g. ``*/*.jpeg``: every class folder of a split) replaces the config's file pattern."""
     import csv
 
     from .engines import bundle_workflow
@@ -184,6 +201,8 @@ def folder_inference(
                 "max_score_difference": max(abs(scores[k] - reference[k]) for k in reference),
             }
         )
+        if normal is not None:
+            rows[-1]["auc"] = folder_auc(scores, normal)
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -238,6 +257,9 @@ def main(argv: list[str] | None = None) -> None:
         help="--folder: also time this model folder's model.pt at every setting (the patch nearest-neighbour "
         "peer: a PatchCore model from `scripts.ablations compare --methods patchcore`), and report the ratio",
     )
+    parser.add_argument(
+        "--normal", help="--folder: the normal class's subfolder name (e.g. NORMAL): report each setting's AUC too"
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: measure one encoder, print JSON
     args = parser.parse_args(argv)
     if args.one:
@@ -255,11 +277,15 @@ def main(argv: list[str] | None = None) -> None:
         report["model_dir"] = args.model_dir
         report["input_glob"] = args.input_glob
         own_dir = Path("eval") / "benchmark"
-        report["results"] = folder_inference(args.model_dir, args.folder, settings, own_dir, args.input_glob)
+        report["results"] = folder_inference(
+            args.model_dir, args.folder, settings, own_dir, args.input_glob, args.normal
+        )
         if args.peer_model_dir:  # the peer at every setting too, so that each ratio compares like with like
             report["peer_model_dir"] = args.peer_model_dir
             peer_dir = Path("eval") / "benchmark_peer"
-            report["peer"] = folder_inference(args.peer_model_dir, args.folder, settings, peer_dir, args.input_glob)
+            report["peer"] = folder_inference(
+                args.peer_model_dir, args.folder, settings, peer_dir, args.input_glob, args.normal
+            )
             report["ratio_to_peer"] = [
                 own["images_per_s"] / peer["images_per_s"] for own, peer in zip(report["results"], report["peer"])
             ]
@@ -271,7 +297,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"batch {row['batch_size']:>3}, workers {row['num_workers']}, encoder on {row['encoder_runtime']}: "
                 f"{row['images_per_s']:.1f} images/s "
                 f"({row['images']} images in {row['run_s']} s; setup {row['setup_s']} s; "
-                f"max score difference {row['max_score_difference']:.1e})"
+                f"max score difference {row['max_score_difference']:.1e}"
+                + (f"; AUC {100 * row['auc']:.2f}" if "auc" in row else "")
+                + ")"
             )
         for row, ratio in zip(report.get("peer", []), report.get("ratio_to_peer", [])):
             print(

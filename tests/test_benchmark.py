@@ -38,3 +38,11 @@ def test_folder_settings_name_batch_workers_and_encoder_runtime():
     for bad in ("16", "1x0:tensorrt", "ax0"):
         with pytest.raises(ValueError, match="--settings"):
             benchmark.folder_setting(bad)
+
+
+def test_folder_auc_reads_the_class_from_each_files_folder():
+    scores = {"t/NORMAL/a.jpeg": 0.1, "t/NORMAL/b.jpeg": 0.7, "t/PNEUMONIA/c.jpeg": 0.5, "t/PNEUMONIA/d.jpeg": 0.9}
+    assert benchmark.folder_auc(scores, "NORMAL") == pytest.approx(0.75)  # 3 of the 4 (normal, abnormal) pairs
+    assert benchmark.folder_auc(scores, "PNEUMONIA") == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="--normal 'normal'"):
+        benchmark.folder_auc(scores, "normal")  # no folder of that name: every file would be abnormal

@@ -552,18 +552,22 @@ def test_deploy_app_scores_an_ensemble_model_as_the_bundle_does(image_bundle, tm
     assert expected["score"] == pytest.approx(sum(scores) / 2, abs=1e-5)
 
 
-def test_deploy_app_runs_the_packaged_onnx_runtime_encoder(image_bundle, tmp_path, bundle_root, capfd):
-    """``scripts.package --encoder-runtime onnxruntime``: the app's encoder runs on ONNX Runtime, with the scores of
-    the bundle's PyTorch inference to ONNX Runtime's 1e-4."""
+@pytest.mark.parametrize("runtime", ["auto", "torch"])
+def test_deploy_app_runs_the_packaged_encoder_runtime(image_bundle, tmp_path, bundle_root, capfd, runtime):
+    """``scripts.package --encoder-runtime``: with ``auto`` (the default) the app's encoder runs on ONNX Runtime on
+    this CPU, as the bundle's inference does; with ``torch`` on PyTorch, its scores within ONNX Runtime's 1e-4."""
     pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (.ci/run installs it)")
     from scripts.package import build
 
     bundle, images = image_bundle
-    ort_bundle = build(tmp_path / "aeflow_ort", bundle / "models" / "model.pt", encoder_runtime="onnxruntime")
-    assert json.loads((ort_bundle / "configs" / "inference.json").read_text())["encoder_runtime"] == "onnxruntime"
+    app_bundle = build(tmp_path / f"aeflow_{runtime}", bundle / "models" / "model.pt", encoder_runtime=runtime)
+    assert json.loads((app_bundle / "configs" / "inference.json").read_text())["encoder_runtime"] == runtime
+    app_out = tmp_path / "app"
+    app_out.mkdir()
     capfd.readouterr()
-    _app_scores_one_image_as_the_bundle(bundle_root, bundle, images[0], tmp_path, atol=1e-4, app_bundle=ort_bundle)
-    assert "exported to ONNX Runtime" in "".join(capfd.readouterr())
+    _app_scores_one_image_as_the_bundle(bundle_root, bundle, images[0], app_out, atol=1e-4, app_bundle=app_bundle)
+    exports = "".join(capfd.readouterr()).count("exported to ONNX Runtime")
+    assert exports == (2 if runtime == "auto" else 1)  # the bundle's own inference, then the app's unless torch
     with pytest.raises(ValueError, match="encoder_runtime must be one of"):
         build(tmp_path / "refused", bundle / "models" / "model.pt", encoder_runtime="tensorrt")
     assert not (tmp_path / "refused").exists()

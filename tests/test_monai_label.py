@@ -74,12 +74,12 @@ def _ensemble_model(bundle_root, data: Path, work: Path) -> Path:
     return work / "ensemble" / "model.pt"
 
 
-@pytest.fixture(scope="module", params=["ae-flow", "patchcore", "ae-flow-onnxruntime", "ensemble"])
+@pytest.fixture(scope="module", params=["ae-flow", "patchcore", "ae-flow-torch", "ensemble"])
 def server(request, bundle_root, tmp_path_factory):
     """The server with the README's runtime bundle of the demo model, then of a comparison method's model (the
     model file names its method, so the same bundle code serves both), then of the demo model packaged with its
-    encoder on ONNX Runtime (``scripts.package --encoder-runtime onnxruntime``), then of an ensemble of the demo
-    model and the PatchCore model."""
+    encoder on PyTorch (``scripts.package --encoder-runtime torch``; the others keep the default ``auto``, ONNX
+    Runtime on this CPU), then of an ensemble of the demo model and the PatchCore model."""
     from scripts.package import build
     from scripts.synthetic import prepare_default_dataset
 
@@ -93,7 +93,7 @@ def server(request, bundle_root, tmp_path_factory):
     data = prepare_default_dataset(work / "synthetic_brain")
     model = {"patchcore": _patchcore_model, "ensemble": _ensemble_model}.get(request.param)
     model = model(bundle_root, work / "synthetic_brain", work) if model else None
-    runtime = "onnxruntime" if request.param.endswith("onnxruntime") else None
+    runtime = "torch" if request.param.endswith("torch") else None
     build(apps / "monaibundle" / "model" / "aeflow_anomaly", model, encoder_runtime=runtime)  # the README's bundle
     studies = work / "studies"
     studies.mkdir()
@@ -152,8 +152,8 @@ def test_label_server_returns_the_bundles_mask_and_scores(server, bundle_root, t
     assert result["score"] == pytest.approx(own["score"], abs=1e-5)  # the scores reach the Label client
     assert result["max_slice"] == own["max_slice"] and result["anomalous"] == own["anomalous"]
     np.testing.assert_allclose(result["slice_scores"], own["slice_scores"], atol=1e-5)
-    if runtime == "onnxruntime":  # the server's network_def carried the packaged runtime
-        assert "exported to ONNX Runtime" in (work / "server.log").read_text()
+    # the server's network_def carried the packaged runtime: the default auto is ONNX Runtime on a CPU
+    assert ("exported to ONNX Runtime" in (work / "server.log").read_text()) == (runtime != "torch")
 
 
 def test_label_server_names_a_bad_input(server):
