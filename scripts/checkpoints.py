@@ -107,11 +107,23 @@ def check_state_dict(network: torch.nn.Module, state: Mapping, path: str | os.Pa
         for entry in getattr(module, "variable_shape_entries", ())
     }
 
+    # entries newer than some model files, which the module fills in when a file lacks them
+    defaulted = {
+        f"{name}.{entry}" if name else entry
+        for name, module in network.named_modules()
+        for entry in getattr(module, "defaulted_entries", ())
+    }
+
     def sized_by_data(key: str) -> bool:  # present on both sides; its size may differ
         return key in variable and key in expected and key in found
 
+    def absent_by_age(key: str) -> bool:
+        return key in defaulted and key not in found
+
     differing = sorted(
-        k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k) and not sized_by_data(k)
+        k
+        for k in expected.keys() | found.keys()
+        if expected.get(k) != found.get(k) and not sized_by_data(k) and not absent_by_age(k)
     )
     if not differing:
         return

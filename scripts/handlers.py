@@ -15,7 +15,7 @@ from . import reports
 from .distributed import unwrapped
 from .metrics import METRICS, anomaly_metrics, validation_protocol
 from .options import optional_count
-from .scores import TERMS, pixel_sample, volume_score
+from .scores import REDUCTIONS, TERMS, pixel_sample, reduce_map, volume_score
 
 logger = logging.getLogger(__name__)
 
@@ -115,6 +115,8 @@ class AnomalyMetricsHandler:
 
     def reset(self, engine: Engine | None = None) -> None:
         self.records = {"name": [], "volume": [], "slice": [], "label": [], "score_flow": [], "score_recon": []}
+        if self._chooses_reduction:  # every reduction's terms, for the scorer to choose one (2D items only)
+            self.records.update({f"score_{name}@{r}": [] for name in TERMS for r in REDUCTIONS})
         self.normal_pixels = {name: [] for name in TERMS}
         self.panels = []
 
@@ -142,6 +144,10 @@ class AnomalyMetricsHandler:
             normal = labels == 0
             for name in TERMS:
                 self.normal_pixels[name].append(pixel_sample(output[f"map_{name}"][normal]).cpu())
+                if self._chooses_reduction:
+                    for r in REDUCTIONS:
+                        reduced = reduce_map(output[f"map_{name}"], r, self.scorer.topk_fraction)
+                        self.records[f"score_{name}@{r}"] += reduced.reshape(-1).tolist()
         if self.plots and output["score"].ndim == 1:
             self._keep_panel_samples(output, labels)
 
@@ -162,6 +168,10 @@ class AnomalyMetricsHandler:
     @property
     def scorer(self):
         return self.model.scorer
+
+    @property
+    def _chooses_reduction(self) -> bool:
+        return self.calibrate and getattr(self.scorer, "reduction_selection", "fixed") == "validation"
 
     def _gather(self) -> bool:
         """Merge every process's records (sharded evaluation); True on the process that writes the outputs."""
@@ -187,7 +197,21 @@ class AnomalyMetricsHandler:
             pixels = {
                 name: torch.cat(values) if values else torch.zeros(0) for name, values in self.normal_pixels.items()
             }
-            scores = self.scorer.fit(labels, terms, pixels).numpy()
+            by_reduction = None
+            if self._chooses_reduction and len(self.records["score_flow@mean"]) == len(labels):
+                by_reduction = {
+                    r: {name: torch.tensor(self.records[f"score_{name}@{r}"]) for name in TERMS} for r in REDUCTIONS
+                }
+            elif self._chooses_reduction:  # whole volumes: their slices' maps are not kept
+                logger.warning("score_reduction validation needs 2D validation items; %s kept.", self.scorer.reduction)
+            scores = self.scorer.fit(labels, terms, pixels, by_reduction).numpy()
+            if by_reduction and self.scorer.reduction_aucs:
+                terms = by_reduction[self.scorer.reduction]
+                logger.info(
+                    "score reduction chosen on validation: %s (AUC by reduction: %s)",
+                    self.scorer.reduction,
+                    {r: round(a, 4) for r, a in self.scorer.reduction_aucs.items()},
+                )
             if self.scorer.beta_aucs:
                 logger.info(
                     "beta chosen on validation: %.1f (AUC by beta: %s)",
@@ -260,6 +284,7 @@ class AnomalyMetricsHandler:
             "mask_quantile": scorer.mask_quantile,
             "flow_score": scorer.flow_score,
             "reduction": scorer.reduction,
+            "reduction_selection": getattr(scorer, "reduction_selection", "fixed"),
             "normalization": scorer.normalization,
             "term_stats": {"flow": scorer.term_stats[0].tolist(), "recon": scorer.term_stats[1].tolist()},
         }

@@ -42,6 +42,14 @@ def best_f1_threshold(labels, scores) -> float:
     return float(thresholds[int(np.argmax(f1[:-1]))])
 
 
+def auc_standard_error(auc: float, n_abnormal: int, n_normal: int) -> float:
+    """Hanley and McNeil's (1982) standard error of an ROC AUC measured on so many images: how far apart two
+    designs' AUCs on one small validation split must be before the split can tell them apart."""
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc**2 / (1.0 + auc)
+    variance = auc * (1 - auc) + (n_abnormal - 1) * (q1 - auc**2) + (n_normal - 1) * (q2 - auc**2)
+    return math.sqrt(max(variance, 0.0) / (n_abnormal * n_normal))
+
+
 def anomaly_metrics(labels, scores, threshold: float | None = None) -> dict:
     """AUC plus F1/ACC/SEN/SPE at ``threshold`` (default: best F1 on these very scores, the paper's protocol)."""
     labels, scores = _as_arrays(labels, scores)

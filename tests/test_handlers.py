@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from scripts.handlers import AnomalyMetricsHandler
-from scripts.scores import AnomalyScorer
+from scripts.scores import TERMS, AnomalyScorer
 from torch import nn
 
 
@@ -53,6 +53,40 @@ def test_validation_calibration_then_deployment_protocol(tmp_path):
     assert deployed["threshold"] == scorer.threshold.item()
     assert summary["scorer"]["beta"] == scorer.beta and summary["scorer"]["beta_selection"] == "validation"
     assert deployed["auc"] == summary["paper_protocol"]["auc"]  # same scores, only the threshold differs
+
+
+def test_validation_chooses_the_reduction_from_the_term_maps_and_reports_its_terms(tmp_path):
+    """With ``score_reduction: validation`` the handler reduces each validation map every way; a small bright spot
+    on the abnormal maps makes a peak-seeking reduction win, and the written scores are the chosen reduction's."""
+    from scripts.scores import REDUCTIONS, reduce_map
+
+    rng = np.random.default_rng(1)
+    network = nn.Module()
+    network.scorer = AnomalyScorer(beta=0.9, reduction="validation", beta_selection="validation")
+    handler = AnomalyMetricsHandler(network, prefix="val_", calibrate=True, output_dir=str(tmp_path))
+    handler.reset()
+    engine = SimpleNamespace(state=SimpleNamespace(metrics={}, batch={}, epoch=1))
+    for labels in (torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),) * 6:
+        maps = {name: torch.as_tensor(rng.normal(size=(8, 1, 16, 16)), dtype=torch.float32) for name in TERMS}
+        maps["flow"][labels == 1, :, 4:6, 4:6] += 5.0
+        terms = {name: reduce_map(maps[name], "mean") for name in TERMS}  # what the network reports today
+        engine.state.output = {
+            "score": network.scorer.combine(terms),
+            "label": labels,
+            **{f"score_{name}": terms[name] for name in TERMS},
+            **{f"map_{name}": maps[name] for name in TERMS},
+        }
+        handler.collect(engine)
+    handler.complete(engine)
+    scorer = network.scorer
+    assert scorer.reduction in ("max", "topk") and set(scorer.reduction_aucs) == set(REDUCTIONS)
+    assert scorer.reduction_aucs[scorer.reduction] > scorer.reduction_aucs["mean"] + 0.1
+    assert engine.state.metrics["val_auc"] == pytest.approx(scorer.reduction_aucs[scorer.reduction])
+    kept = json.loads((tmp_path / "val_kept_metrics.json").read_text())["scorer"]
+    assert (kept["reduction"], kept["reduction_selection"]) == (scorer.reduction, "validation")
+    with open(tmp_path / "val_scores.csv") as f:
+        written = [float(line.split(",")[3]) for line in f.read().splitlines()[1:]]  # score_flow
+    assert written == pytest.approx(handler.records[f"score_flow@{scorer.reduction}"])
 
 
 def test_fixed_beta_is_left_alone():

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from scripts.losses import HALF_LOG_2PI, AEFlowLoss, flow_nll
-from scripts.scores import AnomalyScorer, flow_score_map, reduce_map
+from scripts.scores import REDUCTIONS, AnomalyScorer, flow_score_map, reduce_map
 from scripts.ssim import ssim_map
 
 
@@ -166,6 +166,67 @@ def test_fit_without_both_classes_keeps_beta_and_leaves_the_threshold_unset():
         np.zeros(4, int), {"flow": torch.tensor([1.0, 2.0, 3.0, 4.0]), "recon": torch.tensor([0.1, 0.3, 0.2, 0.4])}
     )
     assert scorer.beta == 0.9 and scorer.beta_aucs == {} and torch.isnan(scorer.threshold)
+
+
+def _terms_by_reduction(anomaly: str, rng) -> tuple[np.ndarray, dict]:
+    """Noise maps of 40 normal and 40 abnormal images; the anomaly either a small bright spot (local) or a
+    slight shift of the whole map (diffuse)."""
+    labels = np.r_[np.zeros(40, int), np.ones(40, int)]
+    maps = torch.as_tensor(rng.normal(size=(80, 1, 32, 32)), dtype=torch.float32)
+    if anomaly == "local":
+        maps[40:, :, 10:13, 10:13] += 4.0
+    else:
+        maps[40:] += 0.15
+    return labels, {r: {"flow": reduce_map(maps, r), "recon": reduce_map(maps.flip(0), r)} for r in REDUCTIONS}
+
+
+@pytest.mark.parametrize("anomaly, expected", [("local", ("max", "topk")), ("diffuse", ("mean",))])
+def test_fit_chooses_the_reduction_that_separates_on_validation(anomaly, expected):
+    labels, by_reduction = _terms_by_reduction(anomaly, np.random.default_rng(0))
+    scorer = AnomalyScorer(beta=0.9, reduction="validation", beta_selection="validation")
+    assert scorer.reduction == "mean" and scorer.reduction_selection == "validation"  # equation (2)'s until fitted
+    scores = scorer.fit(labels, by_reduction["mean"], terms_by_reduction=by_reduction)
+    assert scorer.reduction in expected and set(scorer.reduction_aucs) == set(REDUCTIONS)
+    assert scorer.reduction_aucs[scorer.reduction] == max(scorer.reduction_aucs.values())
+    assert scorer.beta == 1.0  # the recon terms here are the flow's maps shuffled across labels: no signal
+    chosen = by_reduction[scorer.reduction]
+    torch.testing.assert_close(scores, scorer.combine(chosen))  # calibrated on the chosen reduction's terms
+    normal = torch.as_tensor(labels == 0)
+    torch.testing.assert_close(
+        scorer.term_stats[0], torch.stack([chosen["flow"][normal].mean(), chosen["flow"][normal].std()])
+    )
+    fixed = AnomalyScorer(beta=0.9, reduction="mean", beta_selection="validation")
+    fixed.fit(labels, by_reduction["mean"], terms_by_reduction=by_reduction)  # a fixed reduction is not chosen
+    assert fixed.reduction == "mean" and fixed.reduction_aucs == {}
+
+
+def test_a_reduction_better_by_less_than_the_validation_noise_leaves_mean():
+    """``max`` beats ``mean`` on these 40 validation images, but by less than one standard error of the AUC."""
+    labels = np.r_[np.zeros(20, int), np.ones(20, int)]
+    rng = np.random.default_rng(3)
+    signal = torch.as_tensor(rng.normal(size=40) + 1.0 * labels, dtype=torch.float32)
+    noise = torch.as_tensor(rng.normal(size=40), dtype=torch.float32)
+    by_reduction = {
+        "mean": {"flow": signal, "recon": noise},
+        "max": {"flow": signal + 0.15 * torch.as_tensor(labels, dtype=torch.float32), "recon": noise},
+        "topk": {"flow": signal, "recon": noise},
+    }
+    scorer = AnomalyScorer(beta=1.0, reduction="validation")
+    scorer.fit(labels, by_reduction["mean"], terms_by_reduction=by_reduction)
+    assert scorer.reduction_aucs["max"] > scorer.reduction_aucs["mean"] and scorer.reduction == "mean"
+
+
+def test_the_chosen_reduction_travels_with_the_weights_and_old_files_keep_their_own():
+    scorer = AnomalyScorer(reduction="validation")
+    scorer.reduction_index.fill_(REDUCTIONS.index("topk"))
+    state = scorer.state_dict()
+    loaded = AnomalyScorer(reduction="validation")
+    loaded.load_state_dict(state)
+    assert loaded.reduction == "topk"
+    del state["reduction_index"]  # a scorer saved before bundle 0.11.0
+    old = AnomalyScorer(reduction="max")
+    old.load_state_dict(state)
+    assert old.reduction == "max"
 
 
 def test_fit_sets_the_mask_threshold_at_the_quantile_of_normal_map_values():

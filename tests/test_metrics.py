@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from scripts.metrics import anomaly_metrics, best_f1_threshold, validation_protocol
+from scripts.metrics import anomaly_metrics, auc_standard_error, best_f1_threshold, validation_protocol
 from sklearn.metrics import f1_score, roc_auc_score
 
 
@@ -56,3 +56,15 @@ def test_validation_protocol_is_stratified_and_uses_held_out_thresholds():
         assert (fold["n_normal"], fold["n_abnormal"]) == (80, 120)  # 80 % of each class
     assert result["summary"]["auc"]["std"] > 0
     assert 0.7 < result["summary"]["auc"]["mean"] < 1.0
+
+
+def test_auc_standard_error_matches_the_spread_of_aucs_over_resampled_validation_splits():
+    """Hanley and McNeil's formula against the spread of the AUC over 400 fresh binormal splits of 98 normal and
+    100 abnormal images (HAM10000's validation split)."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(98, int), np.ones(100, int)]
+    aucs = [roc_auc_score(labels, rng.normal(size=198) + 1.1 * labels) for _ in range(400)]
+    estimate = auc_standard_error(float(np.mean(aucs)), 100, 98)
+    assert estimate == pytest.approx(np.std(aucs), rel=0.15)
+    assert auc_standard_error(0.78, 100, 98) > auc_standard_error(0.78, 400, 392) > 0  # more images, less noise
+    assert auc_standard_error(1.0, 10, 10) == 0.0
