@@ -223,10 +223,30 @@ def upgrade(old_path: str, output: str, config_files: list[str], overrides: dict
     return decode(network.get_extra_state())
 
 
+def calibration(path: str | os.PathLike) -> dict:
+    """What validation chose for a model file, which its settings do not show (they hold what was configured):
+    every scorer's beta, image-level reduction and thresholds (an ensemble's own and each member's)."""
+    from .scores import AnomalyScorer
+
+    network = network_from_file(path)
+    return {
+        name: {
+            "beta": scorer.beta,
+            "reduction": scorer.reduction,
+            "threshold": float(scorer.threshold),
+            "pixel_threshold": float(scorer.pixel_threshold),
+        }
+        for name, scorer in network.named_modules()
+        if isinstance(scorer, AnomalyScorer)
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m scripts.model_file", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    show = commands.add_parser("describe", help="print the description stored in a model file")
+    show = commands.add_parser(
+        "describe", help="print the description stored in a model file and what validation chose (calibration)"
+    )
     show.add_argument("model")
     convert = commands.add_parser("upgrade", help="add the description to a model file of bundle < 0.5.0")
     convert.add_argument("model")
@@ -236,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "describe":
-            described = read_description(args.model)
+            described = {**read_description(args.model), "calibration": calibration(args.model)}
         else:
             described = upgrade(args.model, args.output, args.config_file, _parse_overrides(args.set))
     except (ModelMismatchError, ValueError, FileNotFoundError) as error:

@@ -1,5 +1,6 @@
 """Encoders, decoder and the assembled AE-FLOW: shapes, frozen parts, honest weight loading, clear errors."""
 
+import json
 import logging
 
 import pytest
@@ -183,6 +184,29 @@ def test_feature_norm_is_a_trained_layernorm_or_nothing_and_older_files_mean_not
     state["_extra_state"] = encode(description)
     torch.save(state, tmp_path / "model.pt")
     assert network_from_file(tmp_path / "model.pt").settings["feature_norm"] == "none"
+
+
+def test_a_model_file_describes_what_validation_chose(tmp_path, capsys):
+    """``python -m scripts.model_file describe`` shows the configured settings and, under ``calibration``, the
+    reduction and beta that validation chose, which the settings cannot show; an older file (no
+    ``reduction_index``) loads with its configured reduction."""
+    from scripts.model_file import main, network_from_file
+    from scripts.scores import REDUCTIONS
+
+    network = AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, score_reduction="validation")
+    network.scorer.reduction_index.fill_(REDUCTIONS.index("topk"))
+    network.scorer.set_beta(0.4)
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    assert main(["describe", str(tmp_path / "model.pt")]) == 0
+    described = json.loads(capsys.readouterr().out)
+    assert described["network"]["score_reduction"] == "validation"
+    assert (
+        described["calibration"]["scorer"]["reduction"] == "topk" and described["calibration"]["scorer"]["beta"] == 0.4
+    )
+    state = AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, score_reduction="max").state_dict()
+    del state["scorer.reduction_index"]
+    torch.save(state, tmp_path / "old.pt")
+    assert network_from_file(tmp_path / "old.pt").scorer.reduction == "max"
 
 
 def test_onnx_runtime_encoder_follows_the_loaded_weights():
