@@ -171,7 +171,7 @@ class AnomalyMetricsHandler:
 
     @property
     def _chooses_reduction(self) -> bool:
-        return self.calibrate and getattr(self.scorer, "reduction_selection", "fixed") == "validation"
+        return self.calibrate and self.scorer.reduction_selection == "validation"
 
     def _gather(self) -> bool:
         """Merge every process's records (sharded evaluation); True on the process that writes the outputs."""
@@ -284,7 +284,7 @@ class AnomalyMetricsHandler:
             "mask_quantile": scorer.mask_quantile,
             "flow_score": scorer.flow_score,
             "reduction": scorer.reduction,
-            "reduction_selection": getattr(scorer, "reduction_selection", "fixed"),
+            "reduction_selection": scorer.reduction_selection,
             "normalization": scorer.normalization,
             "term_stats": {"flow": scorer.term_stats[0].tolist(), "recon": scorer.term_stats[1].tolist()},
         }
