@@ -13,8 +13,10 @@ prepared the same way wherever it is scored:
 * ``kind``: ``"volume"`` (3D, sliced along ``slice_axis``; ``slice_fraction``: the central part of the slices
   that training and calibration used, and the only part inference scores) or ``"image"`` (2D);
 * ``reader`` and ``reader_args``: MONAI's image reader (no silent fallback to another);
-* ``intensity``: ``{"mode": "percentiles", "lower": 0.5, "upper": 99.5}`` (per volume or image) or
-  ``{"mode": "range", "a_min": 0, "a_max": 255}`` (fixed, e.g. 8-bit images); both map to [0, 1] and clip;
+* ``intensity``: ``{"mode": "percentiles", "lower": 0.5, "upper": 99.5}`` (per volume or image),
+  ``{"mode": "range", "a_min": 0, "a_max": 255}`` (fixed, e.g. 8-bit images) or ``{"mode": "histogram",
+  "num_bins": 256}`` (per-image histogram equalisation: films from different machines and exposures get the same
+  grey-level distribution; chosen for Chest X-ray on validation, docs/results.md); all map to [0, 1];
 * ``orientation`` (volumes): the axis codes volumes are turned to before slicing;
 * ``anti_aliasing``: Gaussian smoothing before downsizing 2D images (volumes are resized in-plane without it).
 
@@ -32,6 +34,7 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     EnsureTyped,
+    HistogramNormalized,
     Orientationd,
     Resized,
     ScaleIntensityRanged,
@@ -41,7 +44,8 @@ from monai.transforms import (
 from .transforms import CachedVolumed, EnsureChannelsd, SelectSliced, StrictLoadImaged
 
 KINDS = ("volume", "image")
-INTENSITY_MODES = ("percentiles", "range")
+INTENSITY_MODES = ("percentiles", "range", "histogram")
+INTENSITY_DEFAULTS = {"histogram": {"num_bins": 256}}
 DEFAULTS = {
     "volume": {
         "reader": "NibabelReader",
@@ -74,6 +78,7 @@ def resolve_spec(spec: dict) -> dict:
     mode = resolved["intensity"].get("mode")
     if mode not in INTENSITY_MODES:
         raise ValueError(f"input_spec intensity mode must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}.")
+    resolved["intensity"] = {"mode": mode, **INTENSITY_DEFAULTS.get(mode, {}), **resolved["intensity"]}
     if kind == "volume" and not 0.0 < float(resolved["slice_fraction"]) <= 1.0:
         raise ValueError(f"input_spec slice_fraction must lie in (0, 1], got {resolved['slice_fraction']}.")
     return resolved
@@ -96,6 +101,8 @@ def _intensity(spec: dict):
     settings = {k: v for k, v in spec["intensity"].items() if k != "mode"}
     if spec["intensity"]["mode"] == "percentiles":
         return ScaleIntensityRangePercentilesd("image", b_min=0.0, b_max=1.0, clip=True, **settings)
+    if spec["intensity"]["mode"] == "histogram":
+        return HistogramNormalized("image", min=0.0, max=1.0, **settings)
     return ScaleIntensityRanged("image", b_min=0.0, b_max=1.0, clip=True, **settings)
 
 

@@ -1,0 +1,47 @@
+"""Input preprocessing that a model file describes: the per-image histogram equalisation mode."""
+
+import numpy as np
+import pytest
+import torch
+from monai.transforms import Compose
+from PIL import Image as PILImage
+from scripts.preprocessing import input_transforms, item_transforms, resolve_spec
+
+HISTOGRAM_SPEC = {"kind": "image", "reader": "PILReader", "intensity": {"mode": "histogram"}}
+RANGE_SPEC = {"kind": "image", "reader": "PILReader", "intensity": {"mode": "range", "a_min": 0.0, "a_max": 255.0}}
+
+
+def _film(path, exposure_gamma: float):
+    """An 8-bit 'film' with smooth anatomy-like structure, under- or over-exposed by a gamma curve."""
+    y, x = np.mgrid[0:128, 0:128] / 127.0
+    structure = 0.5 + 0.3 * np.sin(6 * x) * np.cos(4 * y) + 0.2 * np.exp(-((x - 0.4) ** 2 + (y - 0.6) ** 2) / 0.02)
+    structure = (structure - structure.min()) / (structure.max() - structure.min())
+    PILImage.fromarray(np.round(255 * structure**exposure_gamma).astype(np.uint8)).save(path)
+    return str(path)
+
+
+def _prepared(spec, path):
+    return Compose(item_transforms(spec, 64, 1))({"image": path})["image"]
+
+
+def test_histogram_mode_is_stored_with_its_bin_count():
+    assert resolve_spec(HISTOGRAM_SPEC)["intensity"] == {"mode": "histogram", "num_bins": 256}
+    with pytest.raises(ValueError, match="histogram"):  # the error lists the modes there are
+        resolve_spec({**HISTOGRAM_SPEC, "intensity": {"mode": "equalise"}})
+
+
+def test_histogram_mode_maps_other_exposures_of_one_film_onto_one_another(tmp_path):
+    films = [_film(tmp_path / f"film_{gamma}.png", gamma) for gamma in (0.6, 1.0, 1.6)]
+    fixed = [_prepared(RANGE_SPEC, film) for film in films]
+    equalised = [_prepared(HISTOGRAM_SPEC, film) for film in films]
+    assert min(float((image - fixed[1]).abs().mean()) for image in (fixed[0], fixed[2])) > 0.05
+    assert max(float((image - equalised[1]).abs().mean()) for image in (equalised[0], equalised[2])) < 0.01
+    for image in equalised:  # equalised: spread over [0, 1], about uniformly
+        assert float(image.min()) == pytest.approx(0.0, abs=0.02) and float(image.max()) == pytest.approx(1.0, abs=0.02)
+        assert float(image.mean()) == pytest.approx(0.5, abs=0.05)
+
+
+def test_histogram_mode_prepares_inference_input_as_evaluation_does(tmp_path):
+    film = _film(tmp_path / "film.png", 1.3)
+    whole = input_transforms(HISTOGRAM_SPEC, 64, 1)({"image": film})["image"]
+    assert torch.equal(torch.as_tensor(whole), torch.as_tensor(_prepared(HISTOGRAM_SPEC, film)))
