@@ -8,7 +8,7 @@ from PIL import Image as PILImage
 from scripts.preprocessing import input_transforms, item_transforms, resolve_spec
 
 HISTOGRAM_SPEC = {"kind": "image", "reader": "PILReader", "intensity": {"mode": "histogram"}}
-RANGE_SPEC = {"kind": "image", "reader": "PILReader", "intensity": {"mode": "range", "a_min": 0.0, "a_max": 255.0}}
+RANGE_SPEC = {"kind": "image"}  # the 2D default: the fixed 0-255 range
 
 
 def _film(path, exposure_gamma: float):
