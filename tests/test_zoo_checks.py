@@ -85,6 +85,7 @@ def test_shipped_chest_xray_model_is_the_recorded_run(bundle_root):
         assert claimed[f"chest_xray_test_{name}"] == round(record["test"]["paper_protocol"][name], 4), name
     network = network_from_file(model_file)
     assert network.method == "ensemble" and network.input_spec["kind"] == "image"
+    assert network.input_spec["intensity"] == {"mode": "histogram", "num_bins": 256}  # chosen on validation, 0.12.0
     assert [member.settings["encoder"] for member in network.members] == ["efficientnet-lite0", "efficientnet-lite2"]
     for member in network.members:
         assert member.method == "ae-flow" and member.settings["image_size"] == [256, 256]
