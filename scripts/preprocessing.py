@@ -16,7 +16,7 @@ prepared the same way wherever it is scored:
 * ``intensity``: ``{"mode": "percentiles", "lower": 0.5, "upper": 99.5}`` (per volume or image),
   ``{"mode": "range", "a_min": 0, "a_max": 255}`` (fixed, e.g. 8-bit images) or ``{"mode": "histogram",
   "num_bins": 256}`` (per-image histogram equalisation, so that films of other exposures get one grey-level
-  distribution; the 2D default since bundle 0.12.0, chosen on validation: docs/results.md); all map to [0, 1];
+  distribution; Chest X-ray and HAM10000 since bundle 0.12.0, chosen on validation: docs/results.md); all map to [0, 1];
 * ``orientation`` (volumes): the axis codes volumes are turned to before slicing;
 * ``anti_aliasing``: Gaussian smoothing before downsizing 2D images (volumes are resized in-plane without it).
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from .preprocessing import central_slice_range
@@ -28,6 +29,7 @@ SHAPE = (96, 96, 48)  # H, W, D (axial slices along the last axis)
 SPACING = (2.0, 2.0, 3.0)
 CENTRAL_FRACTION = 0.5  # the paper keeps the central portion of each volume; train.json's slice_fraction
 SPLITS = {"training": (8, 0), "validation": (3, 3), "test": (4, 4)}  # (healthy, with lesion) volumes
+PNG_SPLITS = {"training": (24, 0), "validation": (5, 5), "test": (8, 8)}
 DATALIST_NAME = "datalist.json"
 DATASET_VERSION = 2
 
@@ -107,3 +109,37 @@ def prepare_default_dataset(
     counts = {s: (sum(1 - i["label"] for i in datalist[s]), sum(i["label"] for i in datalist[s])) for s in splits}
     logger.info("Synthetic data set written to %s; (normal, abnormal) slices per split: %s", root, counts)
     return datalist
+
+
+def prepare_png_slices(
+    dataset_dir: str | os.PathLike, seed: int = 7, splits: dict = PNG_SPLITS, shape=SHAPE, slice_step: int = 2
+) -> dict:
+    """The phantoms as 8-bit PNG axial slices, each volume scaled by its 99.5th percentile as public brain-MRI PNG
+    sets are made, with a 2D datalist: a brain-like check of the 2D settings (``configs/images_2d.json``), where
+    the anomaly is the brightest tissue of the slice. Returns the datalist."""
+    root = Path(dataset_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    datalist: dict = {"description": "AE-FLOW synthetic brain phantom, 8-bit PNG slices"}
+    for split, (healthy, with_lesion) in splits.items():
+        items = []
+        for index, lesion in enumerate([False] * healthy + [True] * with_lesion):
+            volume, mask = synthetic_volume(rng, lesion, shape)
+            scaled = np.clip(volume / np.percentile(volume, 99.5) * 255, 0, 255).astype(np.uint8)
+            for item in _slice_items("", mask)[::slice_step]:
+                name = f"{split}_{index:03d}_{item['slice']:02d}.png"
+                Image.fromarray(scaled[:, :, item["slice"]]).save(root / name)
+                items.append({"image": name, "label": item["label"]})
+        datalist[split] = items
+    (root / DATALIST_NAME).write_text(json.dumps(datalist, indent=4))
+    return datalist
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the synthetic brain phantoms as a 2D PNG slice data set.")
+    parser.add_argument("output", help="folder for the PNG slices and datalist.json")
+    parser.add_argument("--seed", type=int, default=7)
+    written = prepare_png_slices(parser.parse_args().output, seed=parser.parse_args().seed)
+    print({split: len(written[split]) for split in PNG_SPLITS})

@@ -45,3 +45,18 @@ def test_histogram_mode_prepares_inference_input_as_evaluation_does(tmp_path):
     film = _film(tmp_path / "film.png", 1.3)
     whole = input_transforms(HISTOGRAM_SPEC, 64, 1)({"image": film})["image"]
     assert torch.equal(torch.as_tensor(whole), torch.as_tensor(_prepared(HISTOGRAM_SPEC, film)))
+
+
+def test_png_slice_phantoms_label_each_slice_by_its_lesion_and_read_as_2d_images(tmp_path):
+    """The brain-like 2D check set: 8-bit PNG slices, abnormal exactly where a lesion is, read by the 2D default."""
+    from scripts.datalists import load_split
+    from scripts.synthetic import prepare_png_slices
+
+    datalist = prepare_png_slices(tmp_path, splits={"training": (1, 0), "test": (1, 1)}, shape=(48, 48, 24))
+    assert {item["label"] for item in datalist["training"]} == {0}
+    assert {item["label"] for item in datalist["test"]} == {0, 1}
+    first = PILImage.open(tmp_path / datalist["test"][0]["image"])
+    assert first.mode == "L" and first.size == (48, 48)
+    items = load_split(str(tmp_path / "datalist.json"), "test", base_dir=str(tmp_path))
+    image = Compose(item_transforms(RANGE_SPEC, image_size=32, channels=1))(items[-1])["image"]
+    assert image.shape == (1, 32, 32) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
