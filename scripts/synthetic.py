@@ -141,5 +141,6 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Write the synthetic brain phantoms as a 2D PNG slice data set.")
     parser.add_argument("output", help="folder for the PNG slices and datalist.json")
     parser.add_argument("--seed", type=int, default=7)
-    written = prepare_png_slices(parser.parse_args().output, seed=parser.parse_args().seed)
+    args = parser.parse_args()
+    written = prepare_png_slices(args.output, seed=args.seed)
     print({split: len(written[split]) for split in PNG_SPLITS})
