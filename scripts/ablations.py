@@ -17,7 +17,10 @@ each calibrated on the validation split, so that the scoring design is chosen on
 encoder's feature space, SSIM of high-passed images) alone and beside the flow term, and the input's own texture
 energy, which shows whether the residual follows the texture rather than the anomaly. ``ensemble`` scores several
 trained settings (other encoders, seeds) as one detector, the mean of their calibrated scores, on validation and
-test.
+test. ``ensemble-seeds`` is a whole seed-paired ensemble study in one command: each ``--encoders`` member trained per
+seed, each seed's members ensembled, and, with ``--baseline`` (an earlier study's ``ensemble_seeds.json``), the
+study's rule: a design replaces the baseline only if validation AUC is higher in every seed and by more than the
+noise margin on average.
 
 Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
 overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
@@ -54,6 +57,7 @@ ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BETAS = tuple(round(0.1 * k, 1) for k in range(11))
 SUBNETS = ("cnn2", "resnet")
 RECON_LOSSES = ("mse", "ssim")
+NOISE_MARGIN = 0.81  # AUC points: the study's noise margin (docs/results.md), a rule's minimum average gain
 ENSEMBLE_RECORDED_KEYS = ("ensemble_members", "mask_quantile", "seed")
 PROTOCOLS = ("paper_protocol", "deployment_protocol", "validation_protocol")
 RECORDED_KEYS = (
@@ -614,6 +618,79 @@ def ensemble(runs: list[Path], output: Path) -> dict:
     return table
 
 
+def _member_summary(summary: dict) -> dict:
+    return {key: value for key, value in summary.items() if key != "runs"}
+
+
+def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> dict:
+    """The study's pre-registered rule against an earlier study of the same seeds: a design replaces the baseline
+    only if its ensemble's validation AUC is higher in every seed and by more than ``margin`` points on average.
+    Test AUC takes no part; both studies ran the same seeds, in the same order."""
+    new, old = (np.asarray(s["ensemble"]["validation_auc"]["values"]) * 100 for s in (study, baseline))
+    differences = new - old
+    higher = int((differences > 0).sum())
+    return {
+        "baseline_validation_auc": [round(float(v), 2) for v in old],
+        "differences": [round(float(d), 2) for d in differences],
+        "higher_in": higher,
+        "mean_difference": round(float(differences.mean()), 2),
+        "margin": margin,
+        "met": bool(higher == len(differences) and differences.mean() > margin),
+    }
+
+
+def ensemble_seeds(
+    configs, overrides, output: Path, encoders: list[str], seeds: list[int], baseline: Path | None = None, **about
+) -> dict:
+    """A seed-paired ensemble study: every encoder trained once per seed (``compare``, so finished runs are reused),
+    the members of each seed scored as one ensemble (``ensemble``), mean and std over seeds; with ``baseline``, an
+    earlier study's ``ensemble_seeds.json``, the decision of ``paired_rule``. ``about`` (data, purpose, command) is
+    copied into the result, which is the record committed under ``docs/results/``."""
+    if len(encoders) < 2 or not seeds:
+        raise ValueError("ensemble-seeds needs two or more --encoders and one or more --seeds.")
+    earlier = json.loads(Path(baseline).read_text()) if baseline is not None else None
+    if earlier is not None and list(earlier["seeds"]) != list(seeds):  # refused before hours of training, not after
+        raise ValueError(f"The baseline {baseline} was run with seeds {earlier['seeds']}, this study with {seeds}.")
+    members = {
+        encoder: _member_summary(
+            compare(configs, {**overrides, "encoder": encoder}, output / encoder, {"AE-FLOW": []}, seeds)["AE-FLOW"]
+        )
+        for encoder in encoders
+    }
+    per_seed = [
+        ensemble([output / encoder / "AE-FLOW" / f"seed_{seed}" for encoder in encoders], output / f"seed_{seed}")
+        for seed in seeds
+    ]
+    study = {
+        **{key: value for key, value in about.items() if value},
+        "configs": list(configs),
+        "overrides": overrides,
+        "encoders": list(encoders),
+        "seeds": list(seeds),
+        "members": members,
+        "ensemble": {
+            split: _mean_std([table["ensemble"][split] for table in per_seed])
+            for split in ("validation_auc", "test_auc")
+        },
+    }
+    if earlier is not None:
+        study["rule"] = {"baseline": str(baseline), **paired_rule(study, earlier)}
+    reports.write_json(output / "ensemble_seeds.json", study)
+    validation, test = (study["ensemble"][split] for split in ("validation_auc", "test_auc"))
+    logger.info(
+        "ensemble of %s over seeds %s: validation AUC %.2f +- %.2f, test AUC %.2f +- %.2f",
+        " + ".join(encoders),
+        seeds,
+        100 * validation["mean"],
+        100 * validation["std"],
+        100 * test["mean"],
+        100 * test["std"],
+    )
+    if "rule" in study:
+        logger.info("rule %s: %s", "met" if study["rule"]["met"] else "not met", study["rule"])
+    return study
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
@@ -629,7 +706,17 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m scripts.ablations", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "kind",
-        choices=("alpha-beta", "subnet-loss", "compare", "scoring", "reconstruction", "ensemble", "features", "record"),
+        choices=(
+            "alpha-beta",
+            "subnet-loss",
+            "compare",
+            "scoring",
+            "reconstruction",
+            "ensemble",
+            "ensemble-seeds",
+            "features",
+            "record",
+        ),
     )
     parser.add_argument("--configs", nargs="+", default=["configs/train.json"], help="bundle config files, in order")
     parser.add_argument("--output", required=True, help="folder for runs, tables and figures; record: the JSON file")
@@ -641,18 +728,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--methods", nargs="+", metavar="NAME", help=f"compare: methods by name ({', '.join(METHOD_CONFIGS)})"
     )
-    parser.add_argument("--seeds", type=int, nargs="+", help="compare: train every variant once per seed")
+    parser.add_argument("--seeds", type=int, nargs="+", help="compare, ensemble-seeds: one training per seed")
     parser.add_argument(
-        "--encoders", nargs="+", default=["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+        "--encoders", nargs="+", help="features: encoders to screen (default: Lite0-2); ensemble-seeds: the members"
     )
+    parser.add_argument("--baseline", help="ensemble-seeds: an earlier study's ensemble_seeds.json, for the rule")
     parser.add_argument("--probe_epochs", type=int, default=8, help="features: epochs of the flow-only probe")
     parser.add_argument(
         "--run", help="scoring, reconstruction, record: a trained setting's folder (models/, eval/, settings.json)"
     )
     parser.add_argument("--runs", nargs="+", help="ensemble: trained settings' folders (models/, settings.json)")
-    parser.add_argument("--data", default="", help="record: what the data set and its splits are")
-    parser.add_argument("--command", dest="command_line", default="", help="record: the command that made the run")
-    parser.add_argument("--purpose", default="", help="record: why the run was made, and what it is not")
+    parser.add_argument("--data", default="", help="record, ensemble-seeds: the data and its splits")
+    parser.add_argument("--command", dest="command_line", default="", help="record, ensemble-seeds: the command run")
+    parser.add_argument("--purpose", default="", help="record, ensemble-seeds: why, and the rule")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tables this command prints
     output, overrides = Path(args.output), parse_overrides(args.set)
@@ -669,7 +757,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "ensemble":
         ensemble([Path(run) for run in args.runs], output)
     elif args.kind == "features":
-        feature_screen(args.configs, overrides, output, args.encoders, args.seeds or [0, 1, 2], args.probe_epochs)
+        encoders = args.encoders or ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+        feature_screen(args.configs, overrides, output, encoders, args.seeds or [0, 1, 2], args.probe_epochs)
+    elif args.kind == "ensemble-seeds":
+        if len(args.encoders or []) < 2 or not args.seeds:
+            parser.error("ensemble-seeds needs two or more --encoders and one or more --seeds")
+        about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
+        ensemble_seeds(args.configs, overrides, output, args.encoders, args.seeds, args.baseline, **about)
     elif args.kind == "alpha-beta":
         alpha_beta(args.configs, overrides, output, tuple(args.alphas))
     elif args.kind == "subnet-loss":

@@ -116,3 +116,45 @@ def test_seed_summary_reports_the_kept_epochs_validation(tmp_path):
         "std"
     ] == pytest.approx(0.02)
     assert summary["test_auc"]["values"] == [0.80, 0.84] and summary["wall_time_s"]["mean"] == pytest.approx(15.0)
+
+
+def test_ensemble_seeds_study_and_its_rule(bundle_root, tiny_dataset, tmp_path):
+    """One command trains each member per seed, ensembles each seed's members as ``ensemble`` does, and decides the
+    pre-registered rule against an earlier study; a baseline of other seeds is refused before anything trains."""
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
+    common = ["--configs", str(bundle_root / "configs" / "train.json")] + [a for p in sets for a in ("--set", p)]
+    members = ["--encoders", "efficientnet-lite0", "efficientnet-lite2", "--seeds", "0"]
+    ablations.main(["ensemble-seeds", "--output", str(tmp_path / "a"), *members, *common, "--purpose", "a test"])
+    study = json.loads((tmp_path / "a" / "ensemble_seeds.json").read_text())
+    assert study["purpose"] == "a test" and study["encoders"] == ["efficientnet-lite0", "efficientnet-lite2"]
+    assert study["members"]["efficientnet-lite2"]["seeds"] == [0] and "rule" not in study
+    seed_table = json.loads((tmp_path / "a" / "seed_0" / "ensemble.json").read_text())
+    assert study["ensemble"]["validation_auc"]["values"] == [seed_table["ensemble"]["validation_auc"]]
+    assert study["ensemble"]["test_auc"]["values"] == [seed_table["ensemble"]["test_auc"]]
+    for encoder in study["encoders"]:
+        run = str(tmp_path / "a" / encoder / "AE-FLOW" / "seed_0")
+        assert seed_table["members"][run]["test_auc"] == pytest.approx(
+            study["members"][encoder]["test_auc"]["values"][0], abs=1e-6
+        )
+
+    baseline = tmp_path / "a" / "ensemble_seeds.json"  # the same design again: reused, equal, so the rule is not met
+    ablations.main(["ensemble-seeds", "--output", str(tmp_path / "a"), *members, *common, "--baseline", str(baseline)])
+    rule = json.loads(baseline.read_text())["rule"]
+    assert rule["differences"] == [0.0] and rule["higher_in"] == 0 and rule["met"] is False
+    with pytest.raises(ValueError, match="seeds"):
+        ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [1], baseline)
+    assert not (tmp_path / "b").exists()
+
+
+def test_paired_rule_needs_every_seed_higher_and_the_margin():
+    def study(*aucs):
+        return {"seeds": [0, 1, 2], "ensemble": {"validation_auc": {"values": list(aucs)}}}
+
+    baseline = study(0.940, 0.930, 0.950)
+    met = ablations.paired_rule(study(0.955, 0.940, 0.960), baseline)
+    assert met["met"] and met["higher_in"] == 3 and met["differences"] == [1.5, 1.0, 1.0]
+    assert met["mean_difference"] == pytest.approx(1.17)
+    assert not ablations.paired_rule(study(0.960, 0.925, 0.965), baseline)["met"]  # one seed lower
+    small = ablations.paired_rule(study(0.945, 0.935, 0.955), baseline)  # higher everywhere, by 0.5 < 0.81
+    assert small["higher_in"] == 3 and not small["met"]
