@@ -639,6 +639,18 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
     }
 
 
+def _baseline_study(path: Path, seeds: list[int]) -> dict:
+    """An earlier ``ensemble_seeds.json`` of the same seeds, checked before hours of training rather than after."""
+    if not path.is_file():
+        raise FileNotFoundError(f"The baseline {path} does not exist: pass an earlier study's ensemble_seeds.json.")
+    earlier = json.loads(path.read_text())
+    if "seeds" not in earlier or "validation_auc" not in earlier.get("ensemble", {}):
+        raise ValueError(f"The baseline {path} is not an ensemble-seeds study (no seeds or ensemble validation AUC).")
+    if list(earlier["seeds"]) != list(seeds):
+        raise ValueError(f"The baseline {path} was run with seeds {earlier['seeds']}, this study with {seeds}.")
+    return earlier
+
+
 def ensemble_seeds(
     configs, overrides, output: Path, encoders: list[str], seeds: list[int], baseline: Path | None = None, **about
 ) -> dict:
@@ -648,9 +660,7 @@ def ensemble_seeds(
     copied into the result, which is the record committed under ``docs/results/``."""
     if len(encoders) < 2 or not seeds:
         raise ValueError("ensemble-seeds needs two or more --encoders and one or more --seeds.")
-    earlier = json.loads(Path(baseline).read_text()) if baseline is not None else None
-    if earlier is not None and list(earlier["seeds"]) != list(seeds):  # refused before hours of training, not after
-        raise ValueError(f"The baseline {baseline} was run with seeds {earlier['seeds']}, this study with {seeds}.")
+    earlier = _baseline_study(Path(baseline), seeds) if baseline is not None else None
     members = {
         encoder: _member_summary(
             compare(configs, {**overrides, "encoder": encoder}, output / encoder, {"AE-FLOW": []}, seeds)["AE-FLOW"]

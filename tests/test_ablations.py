@@ -144,6 +144,11 @@ def test_ensemble_seeds_study_and_its_rule(bundle_root, tiny_dataset, tmp_path):
     assert rule["differences"] == [0.0] and rule["higher_in"] == 0 and rule["met"] is False
     with pytest.raises(ValueError, match="seeds"):
         ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [1], baseline)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [0], tmp_path / "missing.json")
+    seed_table_file = tmp_path / "a" / "seed_0" / "ensemble.json"  # a JSON file, but not a study
+    with pytest.raises(ValueError, match="not an ensemble-seeds study"):
+        ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [0], seed_table_file)
     assert not (tmp_path / "b").exists()
 
 
