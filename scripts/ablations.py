@@ -19,8 +19,8 @@ energy, which shows whether the residual follows the texture rather than the ano
 trained settings (other encoders, seeds) as one detector, the mean of their calibrated scores, on validation and
 test. ``ensemble-seeds`` is a whole seed-paired ensemble study in one command: each ``--encoders`` member trained per
 seed, each seed's members ensembled, and, with ``--baseline`` (an earlier study's ``ensemble_seeds.json``), the
-study's rule: a design replaces the baseline only if validation AUC is higher in every seed and by more than the
-noise margin on average.
+study's rule: a design replaces the baseline only if validation AUC is higher in every seed, by more than the
+noise margin on average, and beyond what resampling the validation images alone can make (a paired bootstrap).
 
 Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
 overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
@@ -48,7 +48,7 @@ from sklearn.metrics import roc_auc_score
 
 from . import reports
 from .ensemble import combined
-from .metrics import anomaly_metrics
+from .metrics import anomaly_metrics, paired_auc_difference_interval
 from .model_file import network_from_file
 from .scores import FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
 
@@ -608,9 +608,10 @@ def ensemble(runs: list[Path], output: Path) -> dict:
             raise ValueError(f"The runs did not score the same {split} items in the same order: {table['runs']}.")
         for run, (_, scores) in members.items():
             table["members"].setdefault(run, {})[f"{split}_auc"] = float(roc_auc_score(labels, scores))
-        means[split] = float(
-            roc_auc_score(labels, combined([torch.from_numpy(scores) for _, scores in members.values()]).numpy())
-        )
+        scores = combined([torch.from_numpy(scores) for _, scores in members.values()]).numpy()
+        means[split] = float(roc_auc_score(labels, scores))
+        if split == "validation":  # what a later study's paired rule resamples
+            table["validation_scores"] = {"labels": labels.tolist(), "ensemble": scores.tolist()}
     table["ensemble"] = {"validation_auc": means["validation"], "test_auc": means["test"]}
     reports.write_json(output / "ensemble.json", table)
     for name, row in {**table["members"], "ensemble": table["ensemble"]}.items():
@@ -624,12 +625,14 @@ def _member_summary(summary: dict) -> dict:
 
 def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> dict:
     """The study's pre-registered rule against an earlier study of the same seeds: a design replaces the baseline
-    only if its ensemble's validation AUC is higher in every seed and by more than ``margin`` points on average.
-    Test AUC takes no part; both studies ran the same seeds, in the same order."""
+    only if its ensemble's validation AUC is higher in every seed and by more than ``margin`` points on average,
+    and, where both studies kept their validation scores (bundle 0.12.2 on), only if the 95 % bootstrap interval of
+    that mean difference over the validation images lies above zero: the seeds guard against training noise, the
+    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order."""
     new, old = (np.asarray(s["ensemble"]["validation_auc"]["values"]) * 100 for s in (study, baseline))
     differences = new - old
     higher = int((differences > 0).sum())
-    return {
+    rule = {
         "baseline_validation_auc": [round(float(v), 2) for v in old],
         "differences": [round(float(d), 2) for d in differences],
         "higher_in": higher,
@@ -637,6 +640,22 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
         "margin": margin,
         "met": bool(higher == len(differences) and differences.mean() > margin),
     }
+    scored = [s["ensemble"].get("validation_scores") for s in (study, baseline)]
+    if all(scored):
+        if scored[0]["labels"] != scored[1]["labels"]:
+            raise ValueError("The study and its baseline scored different validation images: no paired rule.")
+        interval = paired_auc_difference_interval(scored[0]["labels"], scored[0]["values"], scored[1]["values"])
+        rule["validation_sample_interval"] = [round(100 * bound, 2) for bound in interval]
+        rule["met"] = bool(rule["met"] and interval[0] > 0)
+    return rule
+
+
+def _seed_scores(per_seed: list[dict]) -> dict:
+    """Each seed's ensemble scores on the validation images, which every seed scores in the same order."""
+    labels = per_seed[0]["validation_scores"]["labels"]
+    if any(table["validation_scores"]["labels"] != labels for table in per_seed):
+        raise ValueError("The seeds' ensembles scored different validation images.")
+    return {"labels": labels, "values": [table["validation_scores"]["ensemble"] for table in per_seed]}
 
 
 def _baseline_study(path: Path, seeds: list[int]) -> dict:
@@ -679,8 +698,11 @@ def ensemble_seeds(
         "seeds": list(seeds),
         "members": members,
         "ensemble": {
-            split: _mean_std([table["ensemble"][split] for table in per_seed])
-            for split in ("validation_auc", "test_auc")
+            **{
+                split: _mean_std([table["ensemble"][split] for table in per_seed])
+                for split in ("validation_auc", "test_auc")
+            },
+            "validation_scores": _seed_scores(per_seed),
         },
     }
     if earlier is not None:

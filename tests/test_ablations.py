@@ -10,6 +10,7 @@ import csv
 import hashlib
 import json
 
+import numpy as np
 import pytest
 from conftest import TINY_OVERRIDES
 from scripts import ablations
@@ -142,6 +143,12 @@ def test_ensemble_seeds_study_and_its_rule(bundle_root, tiny_dataset, tmp_path):
     ablations.main(["ensemble-seeds", "--output", str(tmp_path / "a"), *members, *common, "--baseline", str(baseline)])
     rule = json.loads(baseline.read_text())["rule"]
     assert rule["differences"] == [0.0] and rule["higher_in"] == 0 and rule["met"] is False
+    assert rule["validation_sample_interval"] == [0.0, 0.0]  # the same scores, image for image
+    scores = study["ensemble"]["validation_scores"]
+    assert scores["labels"] == seed_table["validation_scores"]["labels"] and len(scores["values"]) == 1
+    assert roc_auc_score(scores["labels"], scores["values"][0]) == pytest.approx(
+        seed_table["ensemble"]["validation_auc"]
+    )
     with pytest.raises(ValueError, match="seeds"):
         ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [1], baseline)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -162,4 +169,35 @@ def test_paired_rule_needs_every_seed_higher_and_the_margin():
     assert met["mean_difference"] == pytest.approx(1.17)
     assert not ablations.paired_rule(study(0.960, 0.925, 0.965), baseline)["met"]  # one seed lower
     small = ablations.paired_rule(study(0.945, 0.935, 0.955), baseline)  # higher everywhere, by 0.5 < 0.81
-    assert small["higher_in"] == 3 and not small["met"]
+    assert small["higher_in"] == 3 and not small["met"] and "validation_sample_interval" not in small
+
+
+def test_paired_rule_also_needs_the_gain_beyond_the_validation_samples_noise():
+    """Where both studies kept their validation scores, a gain the seeds agree on must also hold when the
+    validation images are resampled: three lucky images are not enough, a gain spread over every image is."""
+    rng = np.random.default_rng(0)
+    labels = [0] * 60 + [1] * 60
+    base_scores = rng.normal(size=(3, 120)) + 0.8 * np.asarray(labels)
+
+    def study(scores):
+        aucs = [roc_auc_score(labels, s) for s in scores]
+        return {
+            "seeds": [0, 1, 2],
+            "ensemble": {
+                "validation_auc": {"values": aucs},
+                "validation_scores": {"labels": labels, "values": [list(s) for s in scores]},
+            },
+        }
+
+    lucky = base_scores.copy()
+    lucky[:, 60:63] += 10.0  # three abnormal images to the top: higher in every seed, by more than the margin
+    rule = ablations.paired_rule(study(lucky), study(base_scores))
+    assert rule["higher_in"] == 3 and rule["mean_difference"] > ablations.NOISE_MARGIN
+    assert rule["validation_sample_interval"][0] <= 0 and not rule["met"]
+    sharper = base_scores + 1.5 * np.asarray(labels)  # every abnormal image further from the normals
+    rule = ablations.paired_rule(study(sharper), study(base_scores))
+    assert rule["validation_sample_interval"][0] > 0 and rule["met"]
+    other = study(base_scores)
+    other["ensemble"]["validation_scores"]["labels"] = labels[::-1]
+    with pytest.raises(ValueError, match="different validation images"):
+        ablations.paired_rule(study(base_scores), other)

@@ -2,7 +2,13 @@
 
 import numpy as np
 import pytest
-from scripts.metrics import anomaly_metrics, auc_standard_error, best_f1_threshold, validation_protocol
+from scripts.metrics import (
+    anomaly_metrics,
+    auc_standard_error,
+    best_f1_threshold,
+    paired_auc_difference_interval,
+    validation_protocol,
+)
 from sklearn.metrics import f1_score, roc_auc_score
 
 
@@ -68,3 +74,24 @@ def test_auc_standard_error_matches_the_spread_of_aucs_over_resampled_validation
     assert estimate == pytest.approx(np.std(aucs), rel=0.15)
     assert auc_standard_error(0.78, 100, 98) > auc_standard_error(0.78, 400, 392) > 0  # more images, less noise
     assert auc_standard_error(1.0, 10, 10) == 0.0
+
+
+def test_paired_auc_interval_separates_a_real_gain_from_what_the_validation_sample_alone_can_make():
+    """Two designs on the same 98 + 100 images: the same scores give a zero interval; a second design that adds
+    independent noise to the first lies below it (interval under zero); one whose gain is three images' luck
+    does not lie above zero; each bound is an AUC difference that one resample of the images actually gave."""
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.zeros(98, int), np.ones(100, int)]
+    signal = rng.normal(size=(3, 198)) + 1.1 * labels
+    assert paired_auc_difference_interval(labels, signal, signal) == (0.0, 0.0)
+    noisier = signal + 2.0 * rng.normal(size=signal.shape)
+    low, high = paired_auc_difference_interval(labels, noisier, signal)
+    assert low < high < 0
+    point = np.mean([roc_auc_score(labels, n) - roc_auc_score(labels, s) for n, s in zip(noisier, signal)])
+    assert low < point < high
+    lucky = signal.copy()
+    lucky[:, np.flatnonzero(labels)[:3]] += 5.0  # three abnormal images pushed to the top
+    low, high = paired_auc_difference_interval(labels, lucky, signal)
+    assert low <= 0 < high
+    with pytest.raises(ValueError, match="labels"):
+        paired_auc_difference_interval(labels, signal[:, :10], signal[:, :10])
