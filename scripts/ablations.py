@@ -641,6 +641,7 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
         "met": bool(higher == len(differences) and differences.mean() > margin),
     }
     scored = [s["ensemble"].get("validation_scores") for s in (study, baseline)]
+    rule["validation_sample_interval"] = None  # a study from before 0.12.2 kept no scores: the rule without it
     if all(scored):
         if scored[0]["labels"] != scored[1]["labels"]:
             raise ValueError("The study and its baseline scored different validation images: no paired rule.")
