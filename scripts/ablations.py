@@ -608,10 +608,10 @@ def ensemble(runs: list[Path], output: Path) -> dict:
             raise ValueError(f"The runs did not score the same {split} items in the same order: {table['runs']}.")
         for run, (_, scores) in members.items():
             table["members"].setdefault(run, {})[f"{split}_auc"] = float(roc_auc_score(labels, scores))
-        scores = combined([torch.from_numpy(scores) for _, scores in members.values()]).numpy()
-        means[split] = float(roc_auc_score(labels, scores))
+        ensemble_scores = combined([torch.from_numpy(scores) for _, scores in members.values()]).numpy()
+        means[split] = float(roc_auc_score(labels, ensemble_scores))
         if split == "validation":  # what a later study's paired rule resamples
-            table["validation_scores"] = {"labels": labels.tolist(), "ensemble": scores.tolist()}
+            table["validation_scores"] = {"labels": labels.tolist(), "ensemble": ensemble_scores.tolist()}
     table["ensemble"] = {"validation_auc": means["validation"], "test_auc": means["test"]}
     reports.write_json(output / "ensemble.json", table)
     for name, row in {**table["members"], "ensemble": table["ensemble"]}.items():
