@@ -47,6 +47,7 @@ from monai.utils import convert_to_tensor
 from sklearn.metrics import roc_auc_score
 
 from . import reports
+from .encoders import EFFICIENTNET_LITE_PACKAGES
 from .ensemble import combined
 from .metrics import anomaly_metrics, paired_auc_difference_interval
 from .model_file import network_from_file
@@ -790,7 +791,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.kind == "ensemble":
         ensemble([Path(run) for run in args.runs], output)
     elif args.kind == "features":
-        encoders = args.encoders or ["efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2"]
+        encoders = args.encoders or list(EFFICIENTNET_LITE_PACKAGES)
         feature_screen(args.configs, overrides, output, encoders, args.seeds or [0, 1, 2], args.probe_epochs)
     elif args.kind == "ensemble-seeds":
         if len(args.encoders or []) < 2 or not args.seeds:
