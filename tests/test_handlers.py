@@ -4,6 +4,7 @@ the deployment protocol that applies that threshold unchanged to the test set.""
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -142,6 +143,18 @@ def test_early_stop_waits_patience_validations_after_the_best():
     assert _train_with_validation_aucs(aucs, patience="3") == 6
     # validation every second epoch: patience counts validations, not epochs
     assert _train_with_validation_aucs([0.9, 0.9, 0.8, 0.8, 0.7, 0.7, 0.6, 0.6, 0.5, 0.5], 2, interval=2) == 6
+
+
+def test_a_budget_that_ends_at_the_best_validation_says_so(caplog):
+    still_rising = "The budget ended at the best validation so far"
+    with caplog.at_level(logging.WARNING, logger="scripts.handlers"):
+        _train_with_validation_aucs([0.70, 0.80, 0.85], patience=None)
+    assert still_rising in caplog.text and "0.8500 at epoch 3, up from 0.8000" in caplog.text
+    for aucs, patience in (([0.70, 0.90, 0.85], None), ([0.9, 0.8, 0.7, 0.95], 2), ([0.9], None)):
+        caplog.clear()  # a peak before the end, an early stop (at epoch 3), a single validation: no warning
+        with caplog.at_level(logging.WARNING, logger="scripts.handlers"):
+            _train_with_validation_aucs(aucs, patience=patience)
+        assert still_rising not in caplog.text
 
 
 def test_early_stop_refuses_negative_patience():
