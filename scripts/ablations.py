@@ -8,8 +8,10 @@ not a training one: each trained alpha is re-scored at every beta from its test 
 one training per alpha.
 
 ``compare --seeds`` trains every variant once per seed and reports mean and std of the kept model's validation
-AUC and of its test AUC. ``features`` screens encoders cheaply: the flow alone on each encoder's cached features,
-once per seed, chosen on validation (the test AUC is reported beside it, never used).
+AUC and of its test AUC, keeping each seed's validation scores; with ``--baseline`` (an earlier ``comparison.json``
+of the same seeds) it decides the study's rule, below, for each variant. ``features`` screens encoders cheaply:
+the flow alone on each encoder's cached features, once per seed, chosen on validation (the test AUC is reported
+beside it, never used).
 
 ``scoring`` re-scores one trained model with every S_flow form x map reduction (the open points of equation (2)),
 each calibrated on the validation split, so that the scoring design is chosen on validation data, not on test.
@@ -324,11 +326,22 @@ def write_comparison(output: Path, table: dict, folders: dict[str, Path]) -> Non
         reports.plot_roc(output / "comparison_roc.png", labels, curves, title="ROC, test split")
 
 
-def compare(configs, overrides, output: Path, variants: dict[str, list[str]], seeds: list[int] | None = None) -> dict:
+def compare(
+    configs,
+    overrides,
+    output: Path,
+    variants: dict[str, list[str]],
+    seeds: list[int] | None = None,
+    baseline: Path | None = None,
+) -> dict:
     """Table 1's rows: each variant adds its override config files (AE-FLOW's own parts for the autoencoder and
     flow-only rows, ``configs/baseline_<name>.json`` for the comparison methods). With ``seeds``, every variant is
-    trained once per seed (initialisation, data order) and summarised as mean and std. The table is rewritten
-    after each variant, so a finished variant is kept if a later one fails; a rerun reuses finished variants."""
+    trained once per seed (initialisation, data order) and summarised as mean and std, with each seed's validation
+    scores of its kept model; with ``baseline`` as well, an earlier ``comparison.json`` of the same seeds and
+    variants, each variant gets ``paired_rule``'s decision against the variant of the same name there. The table is
+    rewritten after each variant, so a finished variant is kept if a later one fails; a rerun reuses finished
+    variants."""
+    earlier = _baseline_comparison(Path(baseline), seeds, list(variants)) if baseline is not None else None
     table, folders = {}, {}
     for name, extra in variants.items():
         folders[name] = folder = output / name.replace(" ", "_")
@@ -340,8 +353,29 @@ def compare(configs, overrides, output: Path, variants: dict[str, list[str]], se
                 seed: run_or_reuse([*configs, *extra], {**overrides, "seed": seed}, workdirs[seed]) for seed in seeds
             }
             table[name] = seed_summary(runs, workdirs)
+            scored = [_calibrated_scores(workdirs[seed], "validation", folder) for seed in seeds]
+            table[name]["validation_scores"] = _seed_scores(scored)
+            if earlier is not None:
+                table[name]["rule"] = {"baseline": str(baseline), **paired_rule(table[name], earlier[name])}
+                logger.info(
+                    "%s: rule %s: %s", name, "met" if table[name]["rule"]["met"] else "not met", table[name]["rule"]
+                )
         write_comparison(output, table, folders)
     return table
+
+
+def _baseline_comparison(path: Path, seeds: list[int] | None, variants: list[str]) -> dict:
+    """An earlier ``compare --seeds`` table holding every variant with the same seeds, checked before training."""
+    if not seeds:
+        raise ValueError("A baseline needs --seeds: the rule pairs the two comparisons seed by seed.")
+    if not path.is_file():
+        raise FileNotFoundError(f"The baseline {path} does not exist: pass an earlier comparison.json.")
+    earlier = json.loads(path.read_text())
+    for name in variants:
+        if list(earlier.get(name, {}).get("seeds", [])) != list(seeds):
+            found = earlier.get(name, {}).get("seeds")
+            raise ValueError(f"The baseline {path} has no variant {name!r} run with seeds {seeds} (found: {found}).")
+    return earlier
 
 
 def _cached_features(parser, section: str, split: str) -> tuple[torch.Tensor, np.ndarray]:
@@ -586,7 +620,9 @@ def _calibrated_scores(run: Path, split: str, output: Path) -> tuple[np.ndarray,
     for everything else, so a config changed since the run cannot re-type the model."""
     settings = json.loads((run / "settings.json").read_text())
     network = network_from_file(run / "models" / "model.pt").eval()
-    described = {key: network.settings[key] for key in ("encoder", "image_size", "in_channels")}
+    described = {
+        key: network.settings[key] for key in ("encoder", "image_size", "in_channels") if key in network.settings
+    }
     overrides = {**settings["overrides"], **described, "input_spec": network.input_spec}
     parser = _study_parser(settings["configs"], overrides, output)
     labels, scores = [], []
@@ -625,12 +661,13 @@ def _member_summary(summary: dict) -> dict:
 
 
 def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> dict:
-    """The study's pre-registered rule against an earlier study of the same seeds: a design replaces the baseline
-    only if its ensemble's validation AUC is higher in every seed and by more than ``margin`` points on average,
-    and, where both studies kept their validation scores (bundle 0.12.2 on), only if the 95 % bootstrap interval of
-    that mean difference over the validation images lies above zero: the seeds guard against training noise, the
-    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order."""
-    new, old = (np.asarray(s["ensemble"]["validation_auc"]["values"]) * 100 for s in (study, baseline))
+    """The study's pre-registered rule against an earlier study of the same seeds (each a seed summary: an
+    ensemble's, or a ``compare`` variant's): a design replaces the baseline only if its validation AUC is higher in
+    every seed and by more than ``margin`` points on average, and, where both studies kept their validation scores
+    (bundle 0.12.2 on), only if the 95 % bootstrap interval of that mean difference over the validation images lies
+    above zero: the seeds guard against training noise, the interval against a small validation split. Test AUC
+    takes no part; both ran the same seeds, in the same order."""
+    new, old = (np.asarray(s["validation_auc"]["values"]) * 100 for s in (study, baseline))
     differences = new - old
     higher = int((differences > 0).sum())
     rule = {
@@ -641,7 +678,7 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
         "margin": margin,
         "met": bool(higher == len(differences) and differences.mean() > margin),
     }
-    scored = [s["ensemble"].get("validation_scores") for s in (study, baseline)]
+    scored = [s.get("validation_scores") for s in (study, baseline)]
     rule["validation_sample_interval"] = None  # a study from before 0.12.2 kept no scores: the rule without it
     if all(scored):
         if scored[0]["labels"] != scored[1]["labels"]:
@@ -652,12 +689,12 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
     return rule
 
 
-def _seed_scores(per_seed: list[dict]) -> dict:
-    """Each seed's ensemble scores on the validation images, which every seed scores in the same order."""
-    labels = per_seed[0]["validation_scores"]["labels"]
-    if any(table["validation_scores"]["labels"] != labels for table in per_seed):
-        raise ValueError("The seeds' ensembles scored different validation images.")
-    return {"labels": labels, "values": [table["validation_scores"]["ensemble"] for table in per_seed]}
+def _seed_scores(per_seed: list[tuple]) -> dict:
+    """Each seed's (labels, scores) on the validation images, which every seed scores in the same order."""
+    labels = [int(label) for label in per_seed[0][0]]
+    if any([int(label) for label in seed_labels] != labels for seed_labels, _ in per_seed):
+        raise ValueError("The seeds scored different validation images.")
+    return {"labels": labels, "values": [[float(score) for score in scores] for _, scores in per_seed]}
 
 
 def _baseline_study(path: Path, seeds: list[int]) -> dict:
@@ -704,11 +741,13 @@ def ensemble_seeds(
                 split: _mean_std([table["ensemble"][split] for table in per_seed])
                 for split in ("validation_auc", "test_auc")
             },
-            "validation_scores": _seed_scores(per_seed),
+            "validation_scores": _seed_scores(
+                [(table["validation_scores"]["labels"], table["validation_scores"]["ensemble"]) for table in per_seed]
+            ),
         },
     }
     if earlier is not None:
-        study["rule"] = {"baseline": str(baseline), **paired_rule(study, earlier)}
+        study["rule"] = {"baseline": str(baseline), **paired_rule(study["ensemble"], earlier["ensemble"])}
     reports.write_json(output / "ensemble_seeds.json", study)
     validation, test = (study["ensemble"][split] for split in ("validation_auc", "test_auc"))
     logger.info(
@@ -766,7 +805,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--encoders", nargs="+", help="features: encoders to screen (default: Lite0-2); ensemble-seeds: the members"
     )
-    parser.add_argument("--baseline", help="ensemble-seeds: an earlier study's ensemble_seeds.json, for the rule")
+    parser.add_argument(
+        "--baseline",
+        help="for the rule: ensemble-seeds, an earlier ensemble_seeds.json; compare --seeds, an earlier comparison.json",
+    )
     parser.add_argument("--probe_epochs", type=int, default=8, help="features: epochs of the flow-only probe")
     parser.add_argument(
         "--run", help="scoring, reconstruction, record: a trained setting's folder (models/, eval/, settings.json)"
@@ -812,7 +854,7 @@ def main(argv: list[str] | None = None) -> None:
         for spec in args.variant or ([] if args.methods else ["AE-FLOW="]):
             name, _, files = spec.partition("=")
             variants[name] = [f for f in files.split(",") if f]
-        compare(args.configs, overrides, output, variants, args.seeds)
+        compare(args.configs, overrides, output, variants, args.seeds, args.baseline)
 
 
 if __name__ == "__main__":

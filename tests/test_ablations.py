@@ -159,9 +159,42 @@ def test_ensemble_seeds_study_and_its_rule(bundle_root, tiny_dataset, tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+def test_compare_seeds_keeps_validation_scores_and_decides_the_rule_against_a_baseline(
+    bundle_root, tiny_dataset, tmp_path
+):
+    """``compare --seeds`` keeps each seed's validation scores of its kept model (they reproduce the kept epoch's
+    validation AUC), and with ``--baseline`` decides the study's rule per variant; a baseline that cannot be paired
+    is refused before anything trains."""
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
+    common = ["--configs", str(bundle_root / "configs" / "train.json")] + [a for p in sets for a in ("--set", p)]
+    ablations.main(["compare", "--output", str(tmp_path / "a"), "--seeds", "0", *common])
+    table = json.loads((tmp_path / "a" / "comparison.json").read_text())["AE-FLOW"]
+    scores = table["validation_scores"]
+    assert len(scores["values"]) == 1 and "rule" not in table
+    assert 100 * roc_auc_score(scores["labels"], scores["values"][0]) == pytest.approx(
+        100 * table["validation_auc"]["values"][0], abs=1e-4
+    )
+
+    baseline = tmp_path / "a" / "comparison.json"  # the same setting again: reused, equal, so the rule is not met
+    ablations.main(["compare", "--output", str(tmp_path / "a"), "--seeds", "0", *common, "--baseline", str(baseline)])
+    rule = json.loads(baseline.read_text())["AE-FLOW"]["rule"]
+    assert rule["differences"] == [0.0] and rule["met"] is False and rule["validation_sample_interval"] == [0.0, 0.0]
+    variants = {"AE-FLOW": []}
+    with pytest.raises(ValueError, match="seeds"):
+        ablations.compare(["unused.json"], {}, tmp_path / "b", variants, [1], baseline)
+    with pytest.raises(ValueError, match="no variant 'flow only'"):
+        ablations.compare(["unused.json"], {}, tmp_path / "b", {"flow only": []}, [0], baseline)
+    with pytest.raises(ValueError, match="needs --seeds"):
+        ablations.compare(["unused.json"], {}, tmp_path / "b", variants, None, baseline)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ablations.compare(["unused.json"], {}, tmp_path / "b", variants, [0], tmp_path / "missing.json")
+    assert not (tmp_path / "b").exists()
+
+
 def test_paired_rule_needs_every_seed_higher_and_the_margin():
-    def study(*aucs):
-        return {"seeds": [0, 1, 2], "ensemble": {"validation_auc": {"values": list(aucs)}}}
+    def study(*aucs):  # a seed summary: an ensemble's or a compare variant's
+        return {"seeds": [0, 1, 2], "validation_auc": {"values": list(aucs)}}
 
     baseline = study(0.940, 0.930, 0.950)
     met = ablations.paired_rule(study(0.955, 0.940, 0.960), baseline)
@@ -183,10 +216,8 @@ def test_paired_rule_also_needs_the_gain_beyond_the_validation_samples_noise():
         aucs = [roc_auc_score(labels, s) for s in scores]
         return {
             "seeds": [0, 1, 2],
-            "ensemble": {
-                "validation_auc": {"values": aucs},
-                "validation_scores": {"labels": labels, "values": [list(s) for s in scores]},
-            },
+            "validation_auc": {"values": aucs},
+            "validation_scores": {"labels": labels, "values": [list(s) for s in scores]},
         }
 
     lucky = base_scores.copy()
@@ -198,6 +229,6 @@ def test_paired_rule_also_needs_the_gain_beyond_the_validation_samples_noise():
     rule = ablations.paired_rule(study(sharper), study(base_scores))
     assert rule["validation_sample_interval"][0] > 0 and rule["met"]
     other = study(base_scores)
-    other["ensemble"]["validation_scores"]["labels"] = labels[::-1]
+    other["validation_scores"]["labels"] = labels[::-1]
     with pytest.raises(ValueError, match="different validation images"):
         ablations.paired_rule(study(base_scores), other)
