@@ -387,8 +387,11 @@ class EarlyStopOnValidation:
         return float(self.validator.state.metrics[self.metric_name])
 
     def attach(self, trainer: Engine) -> None:
-        history: list[float] = []  # this process's validations (a resumed run starts a new one)
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), lambda _: history.append(self.score(_)))
+        history: list[tuple[int, float]] = []  # (epoch, metric) of this process's validations; a resumed run restarts
+        trainer.add_event_handler(
+            Events.EPOCH_COMPLETED(every=self.interval),
+            lambda engine: history.append((engine.state.epoch, self.score(engine))),
+        )
         trainer.add_event_handler(Events.COMPLETED, lambda engine: self._warn_if_still_rising(engine, history))
         if not self.patience:
             return
@@ -399,17 +402,18 @@ class EarlyStopOnValidation:
         trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), stopper)
         trainer.add_event_handler(Events.COMPLETED, lambda engine: self._report(engine, stopper))
 
-    def _warn_if_still_rising(self, trainer: Engine, history: list[float]) -> None:
+    def _warn_if_still_rising(self, trainer: Engine, history: list[tuple[int, float]]) -> None:
         if trainer.state.epoch < trainer.state.max_epochs or len(history) < 2:
             return  # stopped early, or nothing to compare
-        if history[-1] > max(history[:-1]) + self.min_delta:
+        (last_epoch, last), earlier_best = history[-1], max(value for _, value in history[:-1])
+        if last > earlier_best + self.min_delta:
             logger.warning(
                 "The budget ended at the best validation so far (%s %.4f at epoch %d, up from %.4f): it may still be "
                 "rising. More epochs, with early_stop_patience, may keep a better model.",
                 self.metric_name,
-                history[-1],
-                trainer.state.epoch,
-                max(history[:-1]),
+                last,
+                last_epoch,
+                earlier_best,
             )
 
     def _report(self, trainer: Engine, stopper) -> None:

@@ -150,6 +150,10 @@ def test_a_budget_that_ends_at_the_best_validation_says_so(caplog):
     with caplog.at_level(logging.WARNING, logger="scripts.handlers"):
         _train_with_validation_aucs([0.70, 0.80, 0.85], patience=None)
     assert still_rising in caplog.text and "0.8500 at epoch 3, up from 0.8000" in caplog.text
+    caplog.clear()  # validation every second epoch of 5: the last one validated is epoch 4
+    with caplog.at_level(logging.WARNING, logger="scripts.handlers"):
+        _train_with_validation_aucs([0.70, 0.80, 0.85, 0.90, 0.95], patience=None, interval=2)
+    assert "0.9000 at epoch 4, up from 0.8000" in caplog.text
     for aucs, patience in (([0.70, 0.90, 0.85], None), ([0.9, 0.8, 0.7, 0.95], 2), ([0.9], None)):
         caplog.clear()  # a peak before the end, an early stop (at epoch 3), a single validation: no warning
         with caplog.at_level(logging.WARNING, logger="scripts.handlers"):
