@@ -461,15 +461,15 @@ def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds:
 
 
 def _split_passes(parser, network, split: str):
-    """One no-grad pass over a split: per batch, its images, encoder features and labels. A split without both
-    classes is refused before anything is fitted on, or measured on, it."""
+    """One no-grad pass over a split: per batch, its images, cached encoder features (None where the configs cache
+    none: ``network.features_of`` computes them, and a method without an encoder needs none) and labels. A split
+    without both classes is refused before anything is fitted on, or measured on, it."""
     parser["validate#data#split"] = split
     labels = []
     with torch.no_grad():
         for batch in parser.get_parsed_content("validate#dataloader"):
             images = convert_to_tensor(batch["image"], track_meta=False).float()
-            features = convert_to_tensor(batch["features"], track_meta=False) if "features" in batch else None
-            features = network.encode(images) if features is None else features.float()
+            features = convert_to_tensor(batch["features"], track_meta=False).float() if "features" in batch else None
             batch_labels = torch.as_tensor(batch["label"]).view(-1).tolist()
             labels += batch_labels
             yield images, features, batch_labels
@@ -486,6 +486,7 @@ def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict
     }
     labels, terms = [], {design: {"flow": [], "recon": []} for design in designs}
     for images, features, batch_labels in _split_passes(parser, network, split):
+        features = network.features_of(images, features)
         out = network.flow_decode(features)
         maps = {form: scorer.term_maps(out.z_prime, images, out.reconstruction) for form, scorer in scorers.items()}
         labels += batch_labels
@@ -558,6 +559,7 @@ def _reconstruction_candidates(parser, network, split: str) -> tuple[np.ndarray,
     scorer = network.scorer
     labels, values = [], {}
     for images, features, batch_labels in _split_passes(parser, network, split):
+        features = network.features_of(images, features)
         out = network.flow_decode(features)
         maps = scorer.term_maps(out.z_prime, images, out.reconstruction)
         residual_features = network.encode(out.reconstruction)

@@ -142,6 +142,21 @@ def test_compare_by_method_names_writes_one_table_and_roc_and_resumes(bundle_roo
     assert json.loads((tmp_path / "comparison.json").read_text()) == table
 
 
+def test_compare_seeds_rescores_a_method_without_an_encoder(bundle_root, tiny_dataset, tmp_path):
+    """``compare --seeds`` keeps each seed's validation scores of the kept model; f-AnoGAN reads images, not encoder
+    features, and its re-scored validation reproduces the kept epoch's AUC."""
+    from conftest import TINY_OVERRIDES
+    from sklearn.metrics import roc_auc_score
+
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
+    args = ["compare", "--configs", str(bundle_root / "configs" / "train.json"), "--output", str(tmp_path)]
+    ablations.main([*args, "--seeds", "0", "--methods", "f-anogan", *[a for p in sets for a in ("--set", p)]])
+    row = json.loads((tmp_path / "comparison.json").read_text())["f-anogan"]
+    scores = row["validation_scores"]
+    assert roc_auc_score(scores["labels"], scores["values"][0]) == pytest.approx(row["validation_auc"]["values"][0])
+
+
 def test_ganomaly_restarts_a_collapsed_discriminator_without_stepping_it():
     from unittest import mock
 
