@@ -666,9 +666,9 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
     """The study's pre-registered rule against an earlier study of the same seeds (each a seed summary: an
     ensemble's, or a ``compare`` variant's): a design replaces the baseline only if its validation AUC is higher in
     every seed and by more than ``margin`` points on average, and, where both studies kept their validation scores
-    (bundle 0.12.2 on), only if the 95 % bootstrap interval of that mean difference over the validation images lies
-    above zero: the seeds guard against training noise, the interval against a small validation split. Test AUC
-    takes no part; both ran the same seeds, in the same order."""
+    (``ensemble-seeds`` since bundle 0.12.2, ``compare`` since 0.12.3), only if the 95 % bootstrap interval of
+    that mean difference over the validation images lies above zero: the seeds guard against training noise, the
+    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order."""
     new, old = (np.asarray(s["validation_auc"]["values"]) * 100 for s in (study, baseline))
     differences = new - old
     higher = int((differences > 0).sum())
@@ -681,7 +681,7 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
         "met": bool(higher == len(differences) and differences.mean() > margin),
     }
     scored = [s.get("validation_scores") for s in (study, baseline)]
-    rule["validation_sample_interval"] = None  # a study from before 0.12.2 kept no scores: the rule without it
+    rule["validation_sample_interval"] = None  # an older study kept no scores: the rule without it
     if all(scored):
         if scored[0]["labels"] != scored[1]["labels"]:
             raise ValueError("The study and its baseline scored different validation images: no paired rule.")
