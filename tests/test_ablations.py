@@ -192,6 +192,60 @@ def test_compare_seeds_keeps_validation_scores_and_decides_the_rule_against_a_ba
     assert not (tmp_path / "b").exists()
 
 
+def test_study_writes_the_table_of_a_plan_with_each_rules_decision(bundle_root, tiny_dataset, tmp_path):
+    """``study`` trains the configured design and each plan variant with the same seeds and decides each variant's
+    rule against the configured design; rows hold what ``compare`` measured, and a rerun reuses every run."""
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
+    common = ["--configs", str(bundle_root / "configs" / "train.json")] + [a for p in sets for a in ("--set", p)]
+    plan = tmp_path / "plan.json"
+    already = [
+        {"name": "the configured alpha", "set": {"alpha": 0.5}},
+        {"name": "same member", "encoders": ["efficientnet-lite0"]},
+    ]
+    plan.write_text(json.dumps({"variants": [*already, {"name": "No flow (alpha 0)", "set": {"alpha": 0.0}}]}))
+    args = ["study", "--output", str(tmp_path / "s"), "--plan", str(plan), "--encoders", "efficientnet-lite0"]
+    ablations.main([*args, "--seeds", "0", *common])
+    table = json.loads((tmp_path / "s" / "study.json").read_text())
+    baseline, variant = table["rows"]  # the variants that change nothing are named, not run
+    assert sorted(table["not_run"]) == ["same member", "the configured alpha"]
+    assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["baseline", "no_flow__alpha_0_"]
+    assert baseline["design"] == ablations.STUDY_BASELINE and "rule" not in baseline
+    assert variant["changes"] == {"set": {"alpha": 0.0}} and variant["rule"]["margin"] == ablations.NOISE_MARGIN
+    compared = json.loads((tmp_path / "s" / "no_flow__alpha_0_" / "comparison.json").read_text())["AE-FLOW"]
+    assert variant["validation_auc"]["values"] == [round(100 * compared["validation_auc"]["values"][0], 2)]
+    assert compared["runs"]["0"]["overrides"]["alpha"] == 0.0
+    baseline_auc = json.loads((tmp_path / "s" / "baseline" / "comparison.json").read_text())["AE-FLOW"][
+        "validation_auc"
+    ]
+    expected = round(100 * compared["validation_auc"]["values"][0], 2) - round(100 * baseline_auc["values"][0], 2)
+    assert variant["rule"]["differences"] == [pytest.approx(expected, abs=0.011)]
+    markdown = (tmp_path / "s" / "study.md").read_text().splitlines()
+    assert len(markdown) == 4 and "baseline" in markdown[2] and "No flow (alpha 0)" in markdown[3]
+    model = tmp_path / "s" / "baseline" / "AE-FLOW" / "seed_0" / "models" / "model.pt"
+    written = model.stat().st_mtime_ns
+    ablations.main([*args, "--seeds", "0", *common])  # a rerun trains nothing
+    assert model.stat().st_mtime_ns == written
+
+
+@pytest.mark.parametrize(
+    "plan, message",
+    [
+        ({}, "A study plan is"),
+        ({"variants": [{"set": {"alpha": 0.1}}]}, "needs a name"),
+        ({"variants": [{"name": "a", "set": {"alpha": 0.1}, "seed": 3}]}, "unknown key"),
+        ({"variants": [{"name": "a"}]}, "changes nothing"),
+        ({"variants": [{"name": "a", "set": ["alpha"]}]}, "'set' is an object"),
+        ({"variants": [{"name": "a b", "set": {"alpha": 0.1}}, {"name": "a_b", "encoders": ["x"]}]}, "used twice"),
+        ({"variants": [{"name": "Baseline", "set": {"alpha": 0.1}}]}, "used twice"),
+    ],
+)
+def test_study_plan_is_refused_before_training(plan, message, tmp_path):
+    with pytest.raises(ValueError, match=message):
+        ablations.study(["unused.json"], {}, tmp_path / "s", ["efficientnet-lite0"], [0], plan)
+    assert not (tmp_path / "s").exists()
+
+
 def test_paired_rule_needs_every_seed_higher_and_the_margin():
     def study(*aucs):  # a seed summary: an ensemble's or a compare variant's
         return {"seeds": [0, 1, 2], "validation_auc": {"values": list(aucs)}}
