@@ -9,7 +9,7 @@ one training per alpha.
 
 ``compare --seeds`` trains every variant once per seed and reports mean and std of the kept model's validation
 AUC and of its test AUC, keeping each seed's validation scores; with ``--baseline`` (an earlier ``comparison.json``
-of the same seeds) it decides the study's rule, below, for each variant. ``features`` screens encoders cheaply:
+of the same seeds) it decides the study's rule (``metrics.paired_rule``) for each variant. ``features`` screens encoders cheaply:
 the flow alone on each encoder's cached features, once per seed, chosen on validation (the test AUC is reported
 beside it, never used).
 
@@ -19,13 +19,9 @@ each calibrated on the validation split, so that the scoring design is chosen on
 encoder's feature space, SSIM of high-passed images) alone and beside the flow term, and the input's own texture
 energy, which shows whether the residual follows the texture rather than the anomaly. ``ensemble`` scores several
 trained settings (other encoders, seeds) as one detector, the mean of their calibrated scores, on validation and
-test. ``ensemble-seeds`` is a whole seed-paired ensemble study in one command: each ``--encoders`` member trained
-per seed, each seed's members ensembled, and, with ``--baseline`` (an earlier study's ``ensemble_seeds.json``), the
-study's rule: a design replaces the baseline only if validation AUC is higher in every seed, by more than the noise
-margin on average, and beyond what resampling the validation images alone can make (a paired bootstrap). ``study``
-is the whole table in one command, on any datalist: the design as configured (one encoder: single models; several:
-their ensemble) is the baseline, each variant of a ``--plan`` (named ``--set`` overrides or other members) is
-trained with the same seeds, and each row carries that rule's decision.
+test. ``ensemble-seeds`` and ``study`` run seed-paired design studies (``scripts.studies``): a design trained once
+per seed and kept only if validation AUC is higher in every seed, by more than the noise margin on average, and
+beyond what resampling the validation images alone can make (a paired bootstrap).
 
 Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
 overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
@@ -54,7 +50,7 @@ from sklearn.metrics import roc_auc_score
 from . import reports
 from .encoders import EFFICIENTNET_LITE_PACKAGES
 from .ensemble import combined
-from .metrics import anomaly_metrics, paired_auc_difference_interval
+from .metrics import anomaly_metrics, paired_rule, seed_scores
 from .model_file import network_from_file
 from .scores import FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
 
@@ -63,7 +59,6 @@ ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 BETAS = tuple(round(0.1 * k, 1) for k in range(11))
 SUBNETS = ("cnn2", "resnet")
 RECON_LOSSES = ("mse", "ssim")
-NOISE_MARGIN = 0.81  # AUC points: the study's noise margin (docs/results.md), a rule's minimum average gain
 ENSEMBLE_RECORDED_KEYS = ("ensemble_members", "mask_quantile", "seed")
 PROTOCOLS = ("paper_protocol", "deployment_protocol", "validation_protocol")
 RECORDED_KEYS = (
@@ -237,7 +232,7 @@ def subnet_loss(configs, overrides, output: Path) -> dict:
     return table
 
 
-def _mean_std(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "values": [float(v) for v in values]}
 
 
@@ -247,9 +242,9 @@ def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
     return {
         "seeds": list(runs),
         "kept_epochs": [v.get("epoch") for v in validation],
-        "validation_auc": _mean_std([v["paper_protocol"]["auc"] for v in validation]),
-        "test_auc": _mean_std([r["paper_protocol"]["auc"] for r in runs.values()]),
-        "wall_time_s": _mean_std([r["wall_time_s"] for r in runs.values()]),
+        "validation_auc": mean_std([v["paper_protocol"]["auc"] for v in validation]),
+        "test_auc": mean_std([r["paper_protocol"]["auc"] for r in runs.values()]),
+        "wall_time_s": mean_std([r["wall_time_s"] for r in runs.values()]),
         "runs": runs,
     }
 
@@ -357,7 +352,7 @@ def compare(
             }
             table[name] = seed_summary(runs, workdirs)
             scored = [_calibrated_scores(workdirs[seed], "validation", folder) for seed in seeds]
-            table[name]["validation_scores"] = _seed_scores(scored)
+            table[name]["validation_scores"] = seed_scores(scored)
             if earlier is not None:
                 table[name]["rule"] = {"baseline": str(baseline), **paired_rule(table[name], earlier[name])}
                 logger.info(
@@ -444,8 +439,8 @@ def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds:
         lr = parser.get_parsed_content("learning_rate")
         runs = {seed: flow_probe(*splits, **settings, epochs=epochs, lr=lr, seed=seed) for seed in seeds}
         table[encoder] = {
-            "validation_auc": _mean_std([run["validation_auc"] for run in runs.values()]),
-            "test_auc": _mean_std([run["test_auc"] for run in runs.values()]),
+            "validation_auc": mean_std([run["validation_auc"] for run in runs.values()]),
+            "test_auc": mean_std([run["test_auc"] for run in runs.values()]),
             "channels": int(splits[0][0].shape[1]),
             "runs": runs,
         }
@@ -661,255 +656,6 @@ def ensemble(runs: list[Path], output: Path) -> dict:
     return table
 
 
-def _member_summary(summary: dict) -> dict:
-    return {key: value for key, value in summary.items() if key != "runs"}
-
-
-def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> dict:
-    """The study's pre-registered rule against an earlier study of the same seeds (each a seed summary: an
-    ensemble's, or a ``compare`` variant's): a design replaces the baseline only if its validation AUC is higher in
-    every seed and by more than ``margin`` points on average, and, where both studies kept their validation scores
-    (``ensemble-seeds`` since bundle 0.12.2, ``compare`` since 0.12.3), only if the 95 % bootstrap interval of
-    that mean difference over the validation images lies above zero: the seeds guard against training noise, the
-    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order."""
-    new, old = (np.asarray(s["validation_auc"]["values"]) * 100 for s in (study, baseline))
-    differences = new - old
-    higher = int((differences > 0).sum())
-    rule = {
-        "baseline_validation_auc": [round(float(v), 2) for v in old],
-        "differences": [round(float(d), 2) for d in differences],
-        "higher_in": higher,
-        "mean_difference": round(float(differences.mean()), 2),
-        "margin": margin,
-        "met": bool(higher == len(differences) and differences.mean() > margin),
-    }
-    scored = [s.get("validation_scores") for s in (study, baseline)]
-    rule["validation_sample_interval"] = None  # an older study kept no scores: the rule without it
-    if all(scored):
-        if scored[0]["labels"] != scored[1]["labels"]:
-            raise ValueError("The study and its baseline scored different validation images: no paired rule.")
-        interval = paired_auc_difference_interval(scored[0]["labels"], scored[0]["values"], scored[1]["values"])
-        rule["validation_sample_interval"] = [round(100 * bound, 2) for bound in interval]
-        rule["met"] = bool(rule["met"] and interval[0] > 0)
-    return rule
-
-
-def _seed_scores(per_seed: list[tuple]) -> dict:
-    """Each seed's (labels, scores) on the validation images, which every seed scores in the same order."""
-    labels = [int(label) for label in per_seed[0][0]]
-    if any([int(label) for label in seed_labels] != labels for seed_labels, _ in per_seed):
-        raise ValueError("The seeds scored different validation images.")
-    return {"labels": labels, "values": [[float(score) for score in scores] for _, scores in per_seed]}
-
-
-def _baseline_study(path: Path, seeds: list[int]) -> dict:
-    """An earlier ``ensemble_seeds.json`` of the same seeds, checked before hours of training rather than after."""
-    if not path.is_file():
-        raise FileNotFoundError(f"The baseline {path} does not exist: pass an earlier study's ensemble_seeds.json.")
-    earlier = json.loads(path.read_text())
-    if "seeds" not in earlier or "validation_auc" not in earlier.get("ensemble", {}):
-        raise ValueError(f"The baseline {path} is not an ensemble-seeds study (no seeds or ensemble validation AUC).")
-    if list(earlier["seeds"]) != list(seeds):
-        raise ValueError(f"The baseline {path} was run with seeds {earlier['seeds']}, this study with {seeds}.")
-    return earlier
-
-
-def ensemble_seeds(
-    configs, overrides, output: Path, encoders: list[str], seeds: list[int], baseline: Path | None = None, **about
-) -> dict:
-    """A seed-paired ensemble study: every encoder trained once per seed (``compare``, so finished runs are reused),
-    the members of each seed scored as one ensemble (``ensemble``), mean and std over seeds; with ``baseline``, an
-    earlier study's ``ensemble_seeds.json``, the decision of ``paired_rule``. ``about`` (data, purpose, command) is
-    copied into the result, which is the record committed under ``docs/results/``."""
-    if len(encoders) < 2 or not seeds:
-        raise ValueError("ensemble-seeds needs two or more --encoders and one or more --seeds.")
-    earlier = _baseline_study(Path(baseline), seeds) if baseline is not None else None
-    members = {
-        encoder: _member_summary(
-            compare(configs, {**overrides, "encoder": encoder}, output / encoder, {"AE-FLOW": []}, seeds)["AE-FLOW"]
-        )
-        for encoder in encoders
-    }
-    per_seed = [
-        ensemble([output / encoder / "AE-FLOW" / f"seed_{seed}" for encoder in encoders], output / f"seed_{seed}")
-        for seed in seeds
-    ]
-    study = {
-        **{key: value for key, value in about.items() if value},
-        "configs": list(configs),
-        "overrides": overrides,
-        "encoders": list(encoders),
-        "seeds": list(seeds),
-        "members": members,
-        "ensemble": {
-            **{
-                split: _mean_std([table["ensemble"][split] for table in per_seed])
-                for split in ("validation_auc", "test_auc")
-            },
-            "validation_scores": _seed_scores(
-                [(table["validation_scores"]["labels"], table["validation_scores"]["ensemble"]) for table in per_seed]
-            ),
-        },
-    }
-    if earlier is not None:
-        study["rule"] = {"baseline": str(baseline), **paired_rule(study["ensemble"], earlier["ensemble"])}
-    reports.write_json(output / "ensemble_seeds.json", study)
-    validation, test = (study["ensemble"][split] for split in ("validation_auc", "test_auc"))
-    logger.info(
-        "ensemble of %s over seeds %s: validation AUC %.2f +- %.2f, test AUC %.2f +- %.2f",
-        " + ".join(encoders),
-        seeds,
-        100 * validation["mean"],
-        100 * validation["std"],
-        100 * test["mean"],
-        100 * test["std"],
-    )
-    if "rule" in study:
-        logger.info("rule %s: %s", "met" if study["rule"]["met"] else "not met", study["rule"])
-    return study
-
-
-PLAN_KEYS = {"name", "set", "encoders"}
-
-
-def checked_plan(plan: dict) -> list[dict]:
-    """A study plan's variants (``{"variants": [{"name": ..., "set": {KEY: VALUE}, "encoders": [...]}, ...]}``),
-    refused as a whole before any training when one is malformed: a study that fails at its fifth variant after
-    hours of training has lost those hours."""
-    variants = plan.get("variants") if isinstance(plan, dict) else None
-    if not isinstance(variants, list) or not variants:
-        raise ValueError('A study plan is {"variants": [{"name": ..., "set": {...}, "encoders": [...]}, ...]}.')
-    names = set()
-    for i, variant in enumerate(variants):
-        if not isinstance(variant, dict) or not isinstance(variant.get("name"), str) or not variant["name"].strip():
-            raise ValueError(f"Study plan variant {i} needs a name.")
-        unknown = set(variant) - PLAN_KEYS
-        if unknown:
-            raise ValueError(f"Study plan variant {variant['name']!r} has unknown key(s) {sorted(unknown)}.")
-        if not isinstance(variant.get("set", {}), dict) or not isinstance(variant.get("encoders", []), list):
-            raise ValueError(f"Study plan variant {variant['name']!r}: 'set' is an object, 'encoders' a list.")
-        if not variant.get("set") and not variant.get("encoders"):
-            raise ValueError(f"Study plan variant {variant['name']!r} changes nothing: give 'set' or 'encoders'.")
-        folder = study_folder(variant["name"])
-        if folder in names or folder == study_folder(STUDY_BASELINE):
-            raise ValueError(f"Study plan variant name {variant['name']!r} is used twice (its folder: {folder}).")
-        names.add(folder)
-    return variants
-
-
-STUDY_BASELINE = "baseline"  # the design as configured: its row's name and its folder
-
-
-def study_folder(name: str) -> str:
-    """A variant's folder under the study's output: its name, lower case, every other character an underscore."""
-    return "".join(c if c.isalnum() else "_" for c in name.strip().lower())
-
-
-def _design_summary(configs, overrides, output: Path, encoders: list[str], seeds: list[int]) -> dict:
-    """One design trained per seed: a single encoder's models (``compare``) or an ensemble (``ensemble_seeds``);
-    either way a seed summary with validation and test AUC and each seed's validation scores."""
-    if len(encoders) == 1:
-        return compare(configs, {**overrides, "encoder": encoders[0]}, output, {"AE-FLOW": []}, seeds)["AE-FLOW"]
-    return ensemble_seeds(configs, overrides, output, encoders, seeds)["ensemble"]
-
-
-def _changes_design(configs, overrides: dict, variant: dict, encoders: list[str]) -> bool:
-    """Whether a plan variant differs from the configured design, so that hours are not spent re-training it."""
-    from monai.bundle import ConfigParser
-
-    if variant.get("encoders") and list(variant["encoders"]) != list(encoders):
-        return True
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update(overrides)
-    return any(
-        key not in parser or parser.get_parsed_content(key) != value for key, value in variant.get("set", {}).items()
-    )
-
-
-def _study_row(name: str, changes: dict, summary: dict) -> dict:
-    """A design's row of the study table, in AUC points."""
-    row = {"design": name, "changes": changes}
-    for split in ("validation_auc", "test_auc"):
-        values = 100 * np.asarray(summary[split]["values"], dtype=float)
-        row[split] = {
-            "mean": round(float(values.mean()), 2),
-            "std": round(float(values.std()), 2),
-            "values": [round(float(value), 2) for value in values],
-        }
-    return row
-
-
-def study_markdown(rows: list[dict]) -> str:
-    """The study table: each design's validation AUC per seed, its test AUC beside, and its rule's decision."""
-    lines = [
-        "| design | validation AUC (per seed) | test AUC | higher in | mean difference | 95 % interval | rule |",
-        "|---|---|---|---:|---:|---|---|",
-    ]
-    for row in rows:
-        validation, test, rule = row["validation_auc"], row["test_auc"], row.get("rule")
-        seeds = ", ".join(f"{v:.2f}" for v in validation["values"])
-        cells = [
-            f"{validation['mean']:.2f} +- {validation['std']:.2f} ({seeds})",
-            f"{test['mean']:.2f} +- {test['std']:.2f}",
-        ]
-        if rule is None:
-            cells += ["", "", "", "baseline"]
-        else:
-            interval = rule["validation_sample_interval"]
-            cells += [
-                f"{rule['higher_in']} of {len(rule['differences'])}",
-                f"{rule['mean_difference']:+.2f}",
-                "-" if interval is None else f"{interval[0]:.2f} to {interval[1]:.2f}",
-                "**met**" if rule["met"] else "not met",
-            ]
-        lines.append(f"| {row['design']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def study(configs, overrides, output: Path, encoders: list[str], seeds: list[int], plan: dict, **about) -> dict:
-    """The study's table from one command, on any datalist (issue 13): the design as configured is the baseline,
-    trained once per seed (one encoder: single models; several: their ensemble); each variant of ``plan`` changes
-    it (``set``: config overrides; ``encoders``: other members), is trained with the same seeds, and is decided by
-    ``paired_rule`` against the baseline on validation alone. Finished runs are reused, so an interrupted study
-    resumes; ``study.json`` and ``study.md`` are rewritten after each variant. Test AUC is shown, never used."""
-    variants = checked_plan(plan)
-    if not encoders or not seeds:
-        raise ValueError("A study needs one or more --encoders and one or more --seeds.")
-    table = {**{key: value for key, value in about.items() if value}, "configs": list(configs)}
-    table.update({"overrides": overrides, "encoders": list(encoders), "seeds": list(seeds), "rows": []})
-    baseline = _design_summary(configs, overrides, output / study_folder(STUDY_BASELINE), encoders, seeds)
-    table["rows"].append(_study_row(STUDY_BASELINE, {}, baseline))
-    _write_study(output, table)
-    for variant in variants:
-        if _changes_design(configs, overrides, variant, encoders):
-            folder, members = output / study_folder(variant["name"]), variant.get("encoders") or encoders
-            summary = _design_summary(configs, {**overrides, **variant.get("set", {})}, folder, members, seeds)
-            changes = {key: variant[key] for key in ("set", "encoders") if variant.get(key)}
-            row = _study_row(variant["name"], changes, summary)
-            table["rows"].append({**row, "rule": paired_rule(summary, baseline)})
-        else:
-            logger.info("%s: the configured design already has it; not run", variant["name"])
-            table.setdefault("not_run", {})[variant["name"]] = "the configured design already has it"
-        _write_study(output, table)
-    for row in table["rows"]:
-        rule = row.get("rule")
-        logger.info(
-            "%-30s validation AUC %.2f, test AUC %.2f%s",
-            row["design"],
-            row["validation_auc"]["mean"],
-            row["test_auc"]["mean"],
-            "" if rule is None else f"; rule {'met' if rule['met'] else 'not met'} ({rule['mean_difference']:+.2f})",
-        )
-    return table
-
-
-def _write_study(output: Path, table: dict) -> None:
-    reports.write_json(output / "study.json", table)
-    with reports.atomic_path(output / "study.md") as tmp:
-        Path(tmp).write_text(study_markdown(table["rows"]))
-
-
 def parse_overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
@@ -968,6 +714,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--command", dest="command_line", default="", help="record, ensemble-seeds: the command run")
     parser.add_argument("--purpose", default="", help="record, ensemble-seeds: why, and the rule")
     args = parser.parse_args(argv)
+    from . import studies  # studies builds on this module's commands
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tables this command prints
     output, overrides = Path(args.output), parse_overrides(args.set)
     if args.kind in ("scoring", "reconstruction", "record") and not args.run:
@@ -989,17 +737,17 @@ def main(argv: list[str] | None = None) -> None:
         if len(args.encoders or []) < 2 or not args.seeds:
             parser.error("ensemble-seeds needs two or more --encoders and one or more --seeds")
         about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
-        ensemble_seeds(args.configs, overrides, output, args.encoders, args.seeds, args.baseline, **about)
+        studies.ensemble_seeds(args.configs, overrides, output, args.encoders, args.seeds, args.baseline, **about)
     elif args.kind == "study":
         if not args.encoders or not args.seeds or not args.plan:
             parser.error("study needs --plan, one or more --encoders and one or more --seeds")
         try:
             plan = json.loads(Path(args.plan).read_text())
-            checked_plan(plan)
+            studies.checked_plan(plan)
         except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             parser.error(f"--plan {args.plan}: {error}")
         about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
-        study(args.configs, overrides, output, args.encoders, args.seeds, plan, **about)
+        studies.study(args.configs, overrides, output, args.encoders, args.seeds, plan, **about)
     elif args.kind == "alpha-beta":
         alpha_beta(args.configs, overrides, output, tuple(args.alphas))
     elif args.kind == "subnet-loss":

@@ -5,6 +5,10 @@
 * Deployment protocol (appendix A): a stratified 20/80 split; the threshold is chosen on the 20 % and applied
   unchanged to the 80 %; repeated over five folds for mean +- std (table 4).
 
+A design study compares two designs on the same validation images with ``paired_rule``: higher in every seed, by
+more than ``NOISE_MARGIN`` on average, and with the paired bootstrap interval of the gain
+(``paired_auc_difference_interval``) above zero.
+
 >>> m = anomaly_metrics([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
 >>> round(m["auc"], 2), m["n_normal"], m["n_abnormal"]
 (0.75, 2, 2)
@@ -128,3 +132,43 @@ def validation_protocol(labels, scores, n_folds: int = 5, validation_fraction: f
         for name in METRICS
     }
     return {"folds": folds, "summary": summary, "validation_fraction": validation_fraction, "seed": seed}
+
+
+NOISE_MARGIN = 0.81  # AUC points: the study's noise margin (docs/results.md), a rule's minimum average gain
+
+
+def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> dict:
+    """The study's pre-registered rule against an earlier study of the same seeds (each a seed summary: an
+    ensemble's, or a ``compare`` variant's): a design replaces the baseline only if its validation AUC is higher in
+    every seed and by more than ``margin`` points on average, and, where both studies kept their validation scores
+    (``ensemble-seeds`` since bundle 0.12.2, ``compare`` since 0.12.3), only if the 95 % bootstrap interval of
+    that mean difference over the validation images lies above zero: the seeds guard against training noise, the
+    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order."""
+    new, old = (np.asarray(s["validation_auc"]["values"]) * 100 for s in (study, baseline))
+    differences = new - old
+    higher = int((differences > 0).sum())
+    rule = {
+        "baseline_validation_auc": [round(float(v), 2) for v in old],
+        "differences": [round(float(d), 2) for d in differences],
+        "higher_in": higher,
+        "mean_difference": round(float(differences.mean()), 2),
+        "margin": margin,
+        "met": bool(higher == len(differences) and differences.mean() > margin),
+    }
+    scored = [s.get("validation_scores") for s in (study, baseline)]
+    rule["validation_sample_interval"] = None  # an older study kept no scores: the rule without it
+    if all(scored):
+        if scored[0]["labels"] != scored[1]["labels"]:
+            raise ValueError("The study and its baseline scored different validation images: no paired rule.")
+        interval = paired_auc_difference_interval(scored[0]["labels"], scored[0]["values"], scored[1]["values"])
+        rule["validation_sample_interval"] = [round(100 * bound, 2) for bound in interval]
+        rule["met"] = bool(rule["met"] and interval[0] > 0)
+    return rule
+
+
+def seed_scores(per_seed: list[tuple]) -> dict:
+    """Each seed's (labels, scores) on the validation images, which every seed scores in the same order."""
+    labels = [int(label) for label in per_seed[0][0]]
+    if any([int(label) for label in seed_labels] != labels for seed_labels, _ in per_seed):
+        raise ValueError("The seeds scored different validation images.")
+    return {"labels": labels, "values": [[float(score) for score in scores] for _, scores in per_seed]}

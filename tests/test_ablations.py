@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pytest
 from conftest import TINY_OVERRIDES
-from scripts import ablations
+from scripts import ablations, metrics, studies
 from sklearn.metrics import roc_auc_score
 
 
@@ -150,12 +150,12 @@ def test_ensemble_seeds_study_and_its_rule(bundle_root, tiny_dataset, tmp_path):
         seed_table["ensemble"]["validation_auc"]
     )
     with pytest.raises(ValueError, match="seeds"):
-        ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [1], baseline)
+        studies.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [1], baseline)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [0], tmp_path / "missing.json")
+        studies.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [0], tmp_path / "missing.json")
     seed_table_file = tmp_path / "a" / "seed_0" / "ensemble.json"  # a JSON file, but not a study
     with pytest.raises(ValueError, match="not an ensemble-seeds study"):
-        ablations.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [0], seed_table_file)
+        studies.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [0], seed_table_file)
     assert not (tmp_path / "b").exists()
 
 
@@ -210,8 +210,8 @@ def test_study_writes_the_table_of_a_plan_with_each_rules_decision(bundle_root, 
     baseline, variant = table["rows"]  # the variants that change nothing are named, not run
     assert sorted(table["not_run"]) == ["same member", "the configured alpha"]
     assert sorted(p.name for p in (tmp_path / "s").iterdir() if p.is_dir()) == ["baseline", "no_flow__alpha_0_"]
-    assert baseline["design"] == ablations.STUDY_BASELINE and "rule" not in baseline
-    assert variant["changes"] == {"set": {"alpha": 0.0}} and variant["rule"]["margin"] == ablations.NOISE_MARGIN
+    assert baseline["design"] == studies.STUDY_BASELINE and "rule" not in baseline
+    assert variant["changes"] == {"set": {"alpha": 0.0}} and variant["rule"]["margin"] == metrics.NOISE_MARGIN
     compared = json.loads((tmp_path / "s" / "no_flow__alpha_0_" / "comparison.json").read_text())["AE-FLOW"]
     assert variant["validation_auc"]["values"] == [round(100 * compared["validation_auc"]["values"][0], 2)]
     assert compared["runs"]["0"]["overrides"]["alpha"] == 0.0
@@ -242,7 +242,7 @@ def test_study_writes_the_table_of_a_plan_with_each_rules_decision(bundle_root, 
 )
 def test_study_plan_is_refused_before_training(plan, message, tmp_path):
     with pytest.raises(ValueError, match=message):
-        ablations.study(["unused.json"], {}, tmp_path / "s", ["efficientnet-lite0"], [0], plan)
+        studies.study(["unused.json"], {}, tmp_path / "s", ["efficientnet-lite0"], [0], plan)
     assert not (tmp_path / "s").exists()
 
 
@@ -251,11 +251,11 @@ def test_paired_rule_needs_every_seed_higher_and_the_margin():
         return {"seeds": [0, 1, 2], "validation_auc": {"values": list(aucs)}}
 
     baseline = study(0.940, 0.930, 0.950)
-    met = ablations.paired_rule(study(0.955, 0.940, 0.960), baseline)
+    met = metrics.paired_rule(study(0.955, 0.940, 0.960), baseline)
     assert met["met"] and met["higher_in"] == 3 and met["differences"] == [1.5, 1.0, 1.0]
     assert met["mean_difference"] == pytest.approx(1.17)
-    assert not ablations.paired_rule(study(0.960, 0.925, 0.965), baseline)["met"]  # one seed lower
-    small = ablations.paired_rule(study(0.945, 0.935, 0.955), baseline)  # higher everywhere, by 0.5 < 0.81
+    assert not metrics.paired_rule(study(0.960, 0.925, 0.965), baseline)["met"]  # one seed lower
+    small = metrics.paired_rule(study(0.945, 0.935, 0.955), baseline)  # higher everywhere, by 0.5 < 0.81
     assert small["higher_in"] == 3 and not small["met"] and small["validation_sample_interval"] is None
 
 
@@ -276,13 +276,13 @@ def test_paired_rule_also_needs_the_gain_beyond_the_validation_samples_noise():
 
     lucky = base_scores.copy()
     lucky[:, 60:63] += 10.0  # three abnormal images to the top: higher in every seed, by more than the margin
-    rule = ablations.paired_rule(study(lucky), study(base_scores))
-    assert rule["higher_in"] == 3 and rule["mean_difference"] > ablations.NOISE_MARGIN
+    rule = metrics.paired_rule(study(lucky), study(base_scores))
+    assert rule["higher_in"] == 3 and rule["mean_difference"] > metrics.NOISE_MARGIN
     assert rule["validation_sample_interval"][0] <= 0 and not rule["met"]
     sharper = base_scores + 1.5 * np.asarray(labels)  # every abnormal image further from the normals
-    rule = ablations.paired_rule(study(sharper), study(base_scores))
+    rule = metrics.paired_rule(study(sharper), study(base_scores))
     assert rule["validation_sample_interval"][0] > 0 and rule["met"]
     other = study(base_scores)
     other["validation_scores"]["labels"] = labels[::-1]
     with pytest.raises(ValueError, match="different validation images"):
-        ablations.paired_rule(study(base_scores), other)
+        metrics.paired_rule(study(base_scores), other)
