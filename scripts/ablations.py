@@ -7,11 +7,11 @@ so that the frozen encoder's features are computed once and shared by every sett
 not a training one: each trained alpha is re-scored at every beta from its test score terms, so the grid costs
 one training per alpha.
 
-``compare --seeds`` trains every variant once per seed and reports mean and std of the kept model's validation
-AUC and of its test AUC, keeping each seed's validation scores; with ``--baseline`` (an earlier ``comparison.json``
-of the same seeds) it decides the study's rule (``metrics.paired_rule``) for each variant. ``features`` screens encoders cheaply:
-the flow alone on each encoder's cached features, once per seed, chosen on validation (the test AUC is reported
-beside it, never used).
+``compare --seeds`` trains every variant once per seed and reports mean and std of the kept model's validation AUC
+and of its test AUC, keeping each seed's validation scores; with ``--baseline`` (an earlier ``comparison.json`` of
+the same seeds) it decides the study's rule (``metrics.paired_rule``) for each variant. ``features`` screens
+encoders cheaply: the flow alone on each encoder's cached features, once per seed, chosen on validation (the test
+AUC is reported beside it, never used).
 
 ``scoring`` re-scores one trained model with every S_flow form x map reduction (the open points of equation (2)),
 each calibrated on the validation split, so that the scoring design is chosen on validation data, not on test.
@@ -114,24 +114,25 @@ def _expression(path: Path) -> str:
     return f"$'{path}'"
 
 
-def _study_parser(configs: list[str], overrides: dict, output: Path):
-    """The bundle's configs with a study's overrides, writing nothing outside ``output``."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update({**overrides, "output_dir": _expression(output)})
-    return parser
-
-
-def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -> dict:
-    """The values a run used, resolved by MONAI's parser from the same config files and overrides (for an
-    ensemble's assembly, ``configs/ensemble.json``: its members, whose files hold their own settings)."""
+def config_parser(configs: list[str], overrides: dict):
+    """MONAI's parser of the bundle's config files, in order, with the overrides on top."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(configs)
     parser.update(overrides)
+    return parser
+
+
+def _study_parser(configs: list[str], overrides: dict, output: Path):
+    """The bundle's configs with a study's overrides, writing nothing outside ``output``."""
+    return config_parser(configs, {**overrides, "output_dir": _expression(output)})
+
+
+def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -> dict:
+    """The values a run used, resolved by MONAI's parser from the same config files and overrides (for an
+    ensemble's assembly, ``configs/ensemble.json``: its members, whose files hold their own settings)."""
+    parser = config_parser(configs, overrides)
     if parser.get("ensemble_members"):
         keys = ENSEMBLE_RECORDED_KEYS
     return {key: parser.get_parsed_content(key) for key in keys if key in parser}

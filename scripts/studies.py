@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reports
-from .ablations import compare, ensemble, mean_std
+from .ablations import compare, config_parser, ensemble, mean_std
 from .metrics import paired_rule, seed_scores
 
 logger = logging.getLogger(__name__)
@@ -141,13 +141,9 @@ def _design_summary(configs, overrides, output: Path, encoders: list[str], seeds
 
 def _changes_design(configs, overrides: dict, variant: dict, encoders: list[str]) -> bool:
     """Whether a plan variant differs from the configured design, so that hours are not spent re-training it."""
-    from monai.bundle import ConfigParser
-
     if variant.get("encoders") and list(variant["encoders"]) != list(encoders):
         return True
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update(overrides)
+    parser = config_parser(configs, overrides)
     return any(
         key not in parser or parser.get_parsed_content(key) != value for key, value in variant.get("set", {}).items()
     )
