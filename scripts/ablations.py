@@ -25,7 +25,10 @@ beyond what resampling the validation images alone can make (a paired bootstrap)
 
 Each setting's folder also gets ``settings.json`` (the values of ``RECORDED_KEYS`` resolved from its configs and
 overrides, and the wall time of training plus evaluation); ``record`` turns a setting's folder into the result
-file committed under ``docs/results/``.
+file committed under ``docs/results/``. A setting whose training diverges (``engines.TrainingDiverged``) is kept
+as a result, ``{"diverged": {"what", "epoch", "iteration", "message"}}``, in its ``settings.json`` and in every
+table, rather than ending the command and losing the settings before it; a rerun reuses it as it does a finished
+setting (change the settings, e.g. ``grad_clip_norm``, to train it again).
 
     python -m scripts.ablations alpha-beta --configs configs/train.json configs/images_2d.json \
         configs/chest_xray.json --output docs/results/ablations/chest_xray --set epochs=20 \
@@ -49,6 +52,7 @@ from sklearn.metrics import roc_auc_score
 
 from . import reports
 from .encoders import EFFICIENTNET_LITE_PACKAGES
+from .engines import TrainingDiverged
 from .ensemble import combined
 from .metrics import anomaly_metrics, paired_rule, seed_scores
 from .model_file import network_from_file
@@ -148,13 +152,43 @@ def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
     started = time.time()
     for extra in ([], ["configs/evaluate.json"]):
         workflow = bundle_workflow(root, [*configs, *[root / name for name in extra]], "train", **overrides, **paths)
-        workflow.run()
+        try:
+            workflow.run()
+        except Exception as error:
+            diverged = _divergence(error)
+            if diverged is None:
+                raise
+            wall_time_s = round(time.time() - started, 1)
+            logger.error("%s: %s Recorded as diverged.", workdir, diverged["diverged"]["message"])
+            reports.write_json(workdir / "settings.json", {**settings, "wall_time_s": wall_time_s, **diverged})
+            return {**diverged, "wall_time_s": wall_time_s, "overrides": overrides}
         workflow.finalize()
     metrics = json.loads((workdir / "eval" / "test_metrics.json").read_text())
     metrics["wall_time_s"] = round(time.time() - started, 1)
     metrics["overrides"] = overrides
     reports.write_json(workdir / "settings.json", {**settings, "wall_time_s": metrics["wall_time_s"]})
     return metrics
+
+
+def _divergence(error: BaseException) -> dict | None:
+    """``{"diverged": ...}`` when training diverged behind ``error`` (MONAI's config parser wraps what a workflow
+    raises, so the cause chain is searched), else None."""
+    while error is not None:
+        if isinstance(error, TrainingDiverged):
+            return {"diverged": error.record()}
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def divergence_text(diverged: dict | list[dict]) -> str:
+    """Where a run, or each diverged run of a design, diverged: ``seed 1: epoch 2, iteration 5 (loss)``."""
+    texts = []
+    for run in diverged if isinstance(diverged, list) else [diverged]:
+        where = ", ".join(f"{key} {run[key]}" for key in ("encoder", "seed") if key in run)
+        texts.append(
+            f"{where + ': ' if where else ''}epoch {run['epoch']}, iteration {run['iteration']} ({run['what']})"
+        )
+    return "diverged at " + "; ".join(texts)
 
 
 def kept_validation(workdir: Path) -> dict:
@@ -210,11 +244,13 @@ def alpha_beta(configs, overrides, output: Path, alphas=ALPHAS, betas=BETAS) -> 
     for alpha in alphas:
         workdir = output / f"alpha_{alpha:g}"
         runs[alpha] = run_or_reuse(configs, {**overrides, "alpha": alpha, "beta_selection": "fixed"}, workdir)
-        grid.append([beta_curve(workdir / "eval", betas)[beta] for beta in betas])
+        diverged = "diverged" in runs[alpha]  # its row stays empty (null in JSON, blank in the heat map)
+        grid.append([None if diverged else beta_curve(workdir / "eval", betas)[beta] for beta in betas])
     table = {"alphas": list(alphas), "betas": list(betas), "test_auc": grid, "runs": runs}
     reports.write_json(output / "alpha_beta.json", table)
+    values = np.array([[np.nan if auc is None else auc for auc in row] for row in grid], dtype=float)
     reports.plot_heatmap(
-        output / "alpha_beta.png", np.array(grid), alphas, betas, "alpha (loss)", "beta (score)", "test AUC (%)"
+        output / "alpha_beta.png", values, alphas, betas, "alpha (loss)", "beta (score)", "test AUC (%)"
     )
     return table
 
@@ -238,7 +274,11 @@ def mean_std(values: list[float]) -> dict:
 
 
 def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
-    """Mean and std over seeds of the kept model's validation AUC (what chose it) and of its test AUC."""
+    """Mean and std over seeds of the kept model's validation AUC (what chose it) and of its test AUC; a design
+    with a diverged seed has none, and lists where each diverged seed stopped instead."""
+    diverged = [{"seed": seed, **run["diverged"]} for seed, run in runs.items() if "diverged" in run]
+    if diverged:
+        return {"seeds": list(runs), "diverged": diverged, "runs": runs}
     validation = [kept_validation(workdirs[s]) for s in runs]
     return {
         "seeds": list(runs),
@@ -255,10 +295,12 @@ def finished_setting(configs: list[str], overrides: dict, workdir: Path) -> dict
     an interrupted comparison resumes at the first unfinished variant."""
     try:
         settings = json.loads((workdir / "settings.json").read_text())
+        if settings.get("configs") != list(configs) or settings.get("overrides") != overrides:
+            return None
+        if "diverged" in settings:
+            return {key: settings[key] for key in ("diverged", "wall_time_s", "overrides")}
         metrics = json.loads((workdir / "eval" / "test_metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return None
-    if settings.get("configs") != list(configs) or settings.get("overrides") != overrides:
         return None
     return {**metrics, "wall_time_s": settings.get("wall_time_s"), "overrides": overrides}
 
@@ -275,6 +317,9 @@ def comparison_rows(table: dict, folders: dict[str, Path]) -> list[dict]:
     """One row per variant: the kept model's validation AUC and the test metrics of both protocols (%)."""
     rows = []
     for name, result in table.items():
+        if "diverged" in result:
+            rows.append({"method": name, "diverged": divergence_text(result["diverged"])})
+            continue
         if "test_auc" in result:  # a seed summary
             rows.append(
                 {
@@ -316,7 +361,7 @@ def write_comparison(output: Path, table: dict, folders: dict[str, Path]) -> Non
     curves, labels = {}, None
     for name, folder in folders.items():
         scores_file = folder / "eval" / "test_scores.csv"
-        if name in table and scores_file.is_file():
+        if name in table and "diverged" not in table[name] and scores_file.is_file():
             with open(scores_file) as f:
                 scored = list(csv.DictReader(f))
             labels = np.array([int(r["label"]) for r in scored])
@@ -352,8 +397,9 @@ def compare(
                 seed: run_or_reuse([*configs, *extra], {**overrides, "seed": seed}, workdirs[seed]) for seed in seeds
             }
             table[name] = seed_summary(runs, workdirs)
-            scored = [_calibrated_scores(workdirs[seed], "validation", folder) for seed in seeds]
-            table[name]["validation_scores"] = seed_scores(scored)
+            if "diverged" not in table[name]:
+                scored = [_calibrated_scores(workdirs[seed], "validation", folder) for seed in seeds]
+                table[name]["validation_scores"] = seed_scores(scored)
             if earlier is not None:
                 table[name]["rule"] = {"baseline": str(baseline), **paired_rule(table[name], earlier[name])}
                 logger.info(

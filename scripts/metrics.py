@@ -143,7 +143,11 @@ def paired_rule(study: dict, baseline: dict, margin: float = NOISE_MARGIN) -> di
     every seed and by more than ``margin`` points on average, and, where both studies kept their validation scores
     (``ensemble-seeds`` since bundle 0.12.2, ``compare`` since 0.12.3), only if the 95 % bootstrap interval of
     that mean difference over the validation images lies above zero: the seeds guard against training noise, the
-    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order."""
+    interval against a small validation split. Test AUC takes no part; both ran the same seeds, in the same order.
+    A design, or a baseline, with a diverged seed has no validation AUC there: the rule is not met."""
+    diverged = [side for side, summary in (("design", study), ("baseline", baseline)) if "diverged" in summary]
+    if diverged:
+        return {"diverged": diverged, "margin": margin, "met": False}
     new, old = (np.asarray(s["validation_auc"]["values"]) * 100 for s in (study, baseline))
     differences = new - old
     higher = int((differences > 0).sum())

@@ -135,7 +135,8 @@ def plot_heatmap(path, values: np.ndarray, rows: Sequence[float], cols: Sequence
     ax.set_yticks(range(len(rows)), [f"{r:g}" for r in rows])
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{values[i, j]:.1f}", ha="center", va="center", fontsize=6, color="white")
+            text = "-" if np.isnan(values[i, j]) else f"{values[i, j]:.1f}"  # "-": that row's training diverged
+            ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white")
     ax.set(xlabel=col_name, ylabel=row_name, title=title)
     fig.colorbar(image, ax=ax, shrink=0.8)
     _save(fig, path)

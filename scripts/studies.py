@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reports
-from .ablations import compare, config_parser, ensemble, mean_std
+from .ablations import compare, config_parser, divergence_text, ensemble, mean_std
 from .metrics import paired_rule, seed_scores
 
 logger = logging.getLogger(__name__)
@@ -46,7 +46,8 @@ def ensemble_seeds(
     """A seed-paired ensemble study: every encoder trained once per seed (``compare``, so finished runs are reused),
     the members of each seed scored as one ensemble (``ensemble``), mean and std over seeds; with ``baseline``, an
     earlier study's ``ensemble_seeds.json``, the decision of ``paired_rule``. ``about`` (data, purpose, command) is
-    copied into the result, which is the record committed under ``docs/results/``."""
+    copied into the result, which is the record committed under ``docs/results/``. If a member diverged in a
+    seed, the ensemble is recorded as diverged (where each member stopped) and not scored."""
     if len(encoders) < 2 or not seeds:
         raise ValueError("ensemble-seeds needs two or more --encoders and one or more --seeds.")
     earlier = _baseline_study(Path(baseline), seeds) if baseline is not None else None
@@ -56,10 +57,6 @@ def ensemble_seeds(
         )
         for encoder in encoders
     }
-    per_seed = [
-        ensemble([output / encoder / "AE-FLOW" / f"seed_{seed}" for encoder in encoders], output / f"seed_{seed}")
-        for seed in seeds
-    ]
     study = {
         **{key: value for key, value in about.items() if value},
         "configs": list(configs),
@@ -67,19 +64,14 @@ def ensemble_seeds(
         "encoders": list(encoders),
         "seeds": list(seeds),
         "members": members,
-        "ensemble": {
-            **{
-                split: mean_std([table["ensemble"][split] for table in per_seed])
-                for split in ("validation_auc", "test_auc")
-            },
-            "validation_scores": seed_scores(
-                [(table["validation_scores"]["labels"], table["validation_scores"]["ensemble"]) for table in per_seed]
-            ),
-        },
+        "ensemble": _ensemble_summary(output, members, seeds),
     }
     if earlier is not None:
         study["rule"] = {"baseline": str(baseline), **paired_rule(study["ensemble"], earlier["ensemble"])}
     reports.write_json(output / "ensemble_seeds.json", study)
+    if "diverged" in study["ensemble"]:
+        logger.error("ensemble of %s: %s", " + ".join(encoders), divergence_text(study["ensemble"]["diverged"]))
+        return study
     validation, test = (study["ensemble"][split] for split in ("validation_auc", "test_auc"))
     logger.info(
         "ensemble of %s over seeds %s: validation AUC %.2f +- %.2f, test AUC %.2f +- %.2f",
@@ -93,6 +85,29 @@ def ensemble_seeds(
     if "rule" in study:
         logger.info("rule %s: %s", "met" if study["rule"]["met"] else "not met", study["rule"])
     return study
+
+
+def _ensemble_summary(output: Path, members: dict, seeds: list[int]) -> dict:
+    """Each seed's members scored as one detector, mean and std over seeds; or, if a member diverged in a seed,
+    where each diverged member stopped."""
+    diverged = [
+        {"encoder": encoder, **run} for encoder, summary in members.items() for run in summary.get("diverged", [])
+    ]
+    if diverged:
+        return {"diverged": diverged}
+    per_seed = [
+        ensemble([output / encoder / "AE-FLOW" / f"seed_{seed}" for encoder in members], output / f"seed_{seed}")
+        for seed in seeds
+    ]
+    return {
+        **{
+            split: mean_std([table["ensemble"][split] for table in per_seed])
+            for split in ("validation_auc", "test_auc")
+        },
+        "validation_scores": seed_scores(
+            [(table["validation_scores"]["labels"], table["validation_scores"]["ensemble"]) for table in per_seed]
+        ),
+    }
 
 
 PLAN_KEYS = {"name", "set", "encoders"}
@@ -150,8 +165,10 @@ def _changes_design(configs, overrides: dict, variant: dict, encoders: list[str]
 
 
 def _study_row(name: str, changes: dict, summary: dict) -> dict:
-    """A design's row of the study table, in AUC points."""
+    """A design's row of the study table, in AUC points (a diverged design: where its runs stopped)."""
     row = {"design": name, "changes": changes}
+    if "diverged" in summary:
+        return {**row, "diverged": summary["diverged"]}
     for split in ("validation_auc", "test_auc"):
         values = 100 * np.asarray(summary[split]["values"], dtype=float)
         row[split] = {
@@ -169,7 +186,12 @@ def study_markdown(rows: list[dict]) -> str:
         "|---|---|---|---:|---:|---|---|",
     ]
     for row in rows:
-        validation, test, rule = row["validation_auc"], row["test_auc"], row.get("rule")
+        rule = row.get("rule")
+        if "diverged" in row:
+            cells = [divergence_text(row["diverged"]), "", "", "", "", "baseline" if rule is None else "not met"]
+            lines.append(f"| {row['design']} | " + " | ".join(cells) + " |")
+            continue
+        validation, test = row["validation_auc"], row["test_auc"]
         seeds = ", ".join(f"{v:.2f}" for v in validation["values"])
         cells = [
             f"{validation['mean']:.2f} +- {validation['std']:.2f} ({seeds})",
@@ -177,6 +199,8 @@ def study_markdown(rows: list[dict]) -> str:
         ]
         if rule is None:
             cells += ["", "", "", "baseline"]
+        elif "diverged" in rule:  # the baseline diverged: nothing to compare with
+            cells += ["", "", "", "not met (the baseline diverged)"]
         else:
             interval = rule["validation_sample_interval"]
             cells += [
@@ -216,14 +240,21 @@ def study(configs, overrides, output: Path, encoders: list[str], seeds: list[int
         _write_study(output, table)
     for row in table["rows"]:
         rule = row.get("rule")
+        if "diverged" in row:
+            logger.error("%-30s %s", row["design"], divergence_text(row["diverged"]))
+            continue
         logger.info(
             "%-30s validation AUC %.2f, test AUC %.2f%s",
             row["design"],
             row["validation_auc"]["mean"],
             row["test_auc"]["mean"],
-            "" if rule is None else f"; rule {'met' if rule['met'] else 'not met'} ({rule['mean_difference']:+.2f})",
+            "" if rule is None else f"; rule {'met' if rule['met'] else 'not met'} ({_rule_difference(rule)})",
         )
     return table
+
+
+def _rule_difference(rule: dict) -> str:
+    return "the baseline diverged" if "diverged" in rule else f"{rule['mean_difference']:+.2f}"
 
 
 def _write_study(output: Path, table: dict) -> None:

@@ -286,3 +286,62 @@ def test_paired_rule_also_needs_the_gain_beyond_the_validation_samples_noise():
     other["validation_scores"]["labels"] = labels[::-1]
     with pytest.raises(ValueError, match="different validation images"):
         metrics.paired_rule(study(base_scores), other)
+
+
+def test_a_diverged_run_is_recorded_in_every_table_not_lost(bundle_root, tiny_dataset, tmp_path):
+    """Issue 13: a run that diverges stops with the epoch named, and the study records it rather than dropping
+    it. A learning rate of 1e30 sends the tiny run's loss to infinity at its second iteration: the study keeps the
+    configured design's row, records the variant as diverged there (its rule not met), and a rerun reuses the
+    record instead of training again; ``compare`` and ``alpha-beta`` keep the diverged setting as a row too."""
+    sets = [f"{key}={json.dumps(value)}" for key, value in TINY_OVERRIDES.items()]
+    sets.append(f"dataset_dir={json.dumps(str(tiny_dataset))}")
+    common = ["--configs", str(bundle_root / "configs" / "train.json")] + [a for p in sets for a in ("--set", p)]
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"variants": [{"name": "too fast", "set": {"learning_rate": 1e30}}]}))
+    args = ["study", "--output", str(tmp_path / "s"), "--plan", str(plan), "--encoders", "efficientnet-lite0"]
+    ablations.main([*args, "--seeds", "0", *common])
+    baseline, diverged = json.loads((tmp_path / "s" / "study.json").read_text())["rows"]
+    assert baseline["validation_auc"]["values"] and "diverged" not in baseline
+    assert [{k: v for k, v in run.items() if k != "message"} for run in diverged["diverged"]] == [
+        {"seed": 0, "what": "loss", "epoch": 1, "iteration": 2}
+    ]
+    assert diverged["rule"] == {"diverged": ["design"], "margin": metrics.NOISE_MARGIN, "met": False}
+    row = (tmp_path / "s" / "study.md").read_text().splitlines()[3]
+    assert row.startswith("| too fast | diverged at seed 0: epoch 1, iteration 2 (loss) |") and "not met" in row
+    settings = tmp_path / "s" / "too_fast" / "AE-FLOW" / "seed_0" / "settings.json"
+    assert json.loads(settings.read_text())["diverged"]["epoch"] == 1
+    written = settings.stat().st_mtime_ns
+    ablations.main([*args, "--seeds", "0", *common])  # a rerun reuses the record: nothing trains
+    assert settings.stat().st_mtime_ns == written
+
+    too_fast = [*common, "--set", "learning_rate=1e30"]
+    ablations.main(["compare", "--output", str(tmp_path / "c"), *too_fast])
+    assert json.loads((tmp_path / "c" / "comparison.json").read_text())["AE-FLOW"]["diverged"]["iteration"] == 2
+    assert "| AE-FLOW | diverged at epoch 1, iteration 2 (loss) |" in (tmp_path / "c" / "comparison.md").read_text()
+    ablations.main(["alpha-beta", "--output", str(tmp_path / "g"), "--alphas", "0.5", *too_fast])
+    grid = json.loads((tmp_path / "g" / "alpha_beta.json").read_text())
+    assert grid["test_auc"] == [[None] * len(ablations.BETAS)] and grid["runs"]["0.5"]["diverged"]["epoch"] == 1
+    assert (tmp_path / "g" / "alpha_beta.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_diverged_member_or_baseline_decides_no_rule(tmp_path):
+    """An ensemble with a member diverged in a seed is recorded as diverged, not scored; the rule is not met when
+    either side diverged, and the study table says which."""
+    members = {
+        "efficientnet-lite0": {"seeds": [0, 1], "validation_auc": {"values": [0.9, 0.9]}},
+        "efficientnet-lite2": {
+            "seeds": [0, 1],
+            "diverged": [{"seed": 1, "what": "gradient", "epoch": 3, "iteration": 40}],
+        },
+    }
+    summary = studies._ensemble_summary(tmp_path, members, [0, 1])
+    assert summary == {"diverged": [{"encoder": "efficientnet-lite2", **members["efficientnet-lite2"]["diverged"][0]}]}
+    finished = {"seeds": [0, 1], "validation_auc": {"values": [0.9, 0.9]}}
+    assert metrics.paired_rule(finished, summary) == {"diverged": ["baseline"], "margin": 0.81, "met": False}
+    assert metrics.paired_rule(summary, summary)["diverged"] == ["design", "baseline"]
+    other = studies._study_row("other", {}, {**finished, "test_auc": finished["validation_auc"]})
+    assert other["validation_auc"] == {"mean": 90.0, "std": 0.0, "values": [90.0, 90.0]}
+    rows = [studies._study_row("baseline", {}, summary), {**other, "rule": metrics.paired_rule(finished, summary)}]
+    lines = studies.study_markdown(rows).splitlines()
+    assert "diverged at encoder efficientnet-lite2, seed 1: epoch 3, iteration 40 (gradient)" in lines[2]
+    assert lines[2].endswith("| baseline |") and lines[3].endswith("| not met (the baseline diverged) |")
