@@ -345,3 +345,10 @@ def test_a_diverged_member_or_baseline_decides_no_rule(tmp_path):
     lines = studies.study_markdown(rows).splitlines()
     assert "diverged at encoder efficientnet-lite2, seed 1: epoch 3, iteration 40 (gradient)" in lines[2]
     assert lines[2].endswith("| baseline |") and lines[3].endswith("| not met (the baseline diverged) |")
+
+
+def test_the_shipped_study_plan_is_a_valid_plan(bundle_root):
+    """``docs/study_plan.json``, which the README runs, passes the checks that refuse a plan before training."""
+    plan = json.loads((bundle_root / "docs" / "study_plan.json").read_text())
+    names = [variant["name"] for variant in studies.checked_plan(plan)]
+    assert "the paper's image size" in names and len(names) == len(set(names))
