@@ -291,8 +291,9 @@ def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
 
 
 def finished_setting(configs: list[str], overrides: dict, workdir: Path) -> dict | None:
-    """The test metrics of a setting already run in ``workdir`` with the same configs and overrides, else None:
-    an interrupted comparison resumes at the first unfinished variant."""
+    """The test metrics of a setting already run in ``workdir`` with the same configs and overrides (or its
+    divergence record: the same settings would diverge again), else None: an interrupted comparison resumes at the
+    first unfinished variant."""
     try:
         settings = json.loads((workdir / "settings.json").read_text())
         if settings.get("configs") != list(configs) or settings.get("overrides") != overrides:
