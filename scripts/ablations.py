@@ -56,6 +56,7 @@ from .engines import TrainingDiverged
 from .ensemble import combined
 from .metrics import anomaly_metrics, paired_rule, seed_scores
 from .model_file import network_from_file
+from .options import config_parser
 from .scores import FLOW_SCORES, REDUCTIONS, AnomalyScorer, reduce_map
 
 logger = logging.getLogger(__name__)
@@ -116,16 +117,6 @@ def method_variants(names: list[str], config_dir: Path) -> dict[str, list[str]]:
 def _expression(path: Path) -> str:
     """A path as a config expression: MONAI appends to output_dir's raw value when it saves the run's config."""
     return f"$'{path}'"
-
-
-def config_parser(configs: list[str], overrides: dict):
-    """MONAI's parser of the bundle's config files, in order, with the overrides on top."""
-    from monai.bundle import ConfigParser
-
-    parser = ConfigParser()
-    parser.read_config(configs)
-    parser.update(overrides)
-    return parser
 
 
 def _study_parser(configs: list[str], overrides: dict, output: Path):

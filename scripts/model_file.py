@@ -201,15 +201,12 @@ def _parse_overrides(pairs: list[str]) -> dict:
 def upgrade(old_path: str, output: str, config_files: list[str], overrides: dict) -> dict:
     """Write ``output``: the weights of a pre-0.5 model file with the description of the configs it was trained
     with. Every weight must fit the network those configs build, so a wrong config is refused, not guessed."""
-    from monai.bundle import ConfigParser
-
     from .checkpoints import check_state_dict, load_checkpoint
     from .encoders import MODEL_FILE_WEIGHTS
+    from .options import config_parser
     from .reports import atomic_path
 
-    parser = ConfigParser()
-    parser.read_config(config_files)
-    parser.update({**overrides, "encoder_weights": MODEL_FILE_WEIGHTS})
+    parser = config_parser(config_files, {**overrides, "encoder_weights": MODEL_FILE_WEIGHTS})
     network = parser.get_parsed_content("network_def")
     state = load_checkpoint(old_path)
     state = dict(state.get("model", state))

@@ -1,7 +1,8 @@
 """Config values as users type them: ``python -m monai.bundle run ... --resume false`` hands the text "false" to the
 config (Python Fire reads only ``False`` as a boolean), and the text "false" is true in Python. Boolean keys read
 through ``flag``, so both spellings mean what they say and anything else is refused with the key named. Likewise
-``--early_stop_patience null`` hands over the text "null": optional counts read through ``optional_count``.
+``--early_stop_patience null`` hands over the text "null": optional counts read through ``optional_count``. The
+scripts that build from the configs outside ``monai.bundle run`` read them through ``config_parser``, as it does.
 
 >>> flag("false", "resume"), flag(True, "resume"), flag("Yes", "amp")
 (False, True, True)
@@ -41,3 +42,13 @@ def optional_count(value, name: str) -> int | None:
     if not whole:
         raise ValueError(f"{name} must be a whole number of 0 or more, or null, got {value!r}.")
     return count
+
+
+def config_parser(configs: list[str], overrides: dict):
+    """MONAI's parser of the bundle's config files, in order, with the overrides on top."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(configs)
+    parser.update(overrides)
+    return parser

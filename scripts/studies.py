@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from . import reports
-from .ablations import compare, config_parser, divergence_text, ensemble, mean_std
+from .ablations import compare, divergence_text, ensemble, mean_std
 from .metrics import paired_rule, seed_scores
+from .options import config_parser
 
 logger = logging.getLogger(__name__)
 
