@@ -13,6 +13,7 @@ with non-finite values, and a full training state saved every epoch so that a ki
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -31,6 +32,7 @@ from .options import flag
 
 logger = logging.getLogger(__name__)
 RESUME_PREFIX = "resume"
+FINISHED_FILE = "finished.json"  # in the resume folder: the epoch at which its run completed
 _RESUME_FILE = re.compile(rf"^{RESUME_PREFIX}_checkpoint_(\d+)\.pt$")
 
 
@@ -207,8 +209,8 @@ class KeyMetricTracker:
         self.saver.load_state_dict(state)
 
 
-def _load_objects(load_dict: Mapping, checkpoint: Mapping, path, strict: bool = True) -> None:
-    """Check every network against its saved weights (and signature), then let Ignite load everything."""
+def _check_objects(load_dict: Mapping, checkpoint: Mapping, path) -> None:
+    """Every network against its saved weights (and signature), before anything is loaded."""
     single = len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint
     for key, obj in load_dict.items():  # the saved settings first: they give the most precise refusal
         if isinstance(obj, NetworkSignature) and isinstance(checkpoint.get(key), Mapping):
@@ -222,6 +224,11 @@ def _load_objects(load_dict: Mapping, checkpoint: Mapping, path, strict: bool = 
             if not isinstance(state, Mapping):
                 raise CheckpointError(f"Checkpoint {path} has no {key!r} entry; it holds {sorted(checkpoint)}.")
             check_state_dict(obj, state, path)
+
+
+def _load_objects(load_dict: Mapping, checkpoint: Mapping, path, strict: bool = True) -> None:
+    """Check every network against its saved weights (and signature), then let Ignite load everything."""
+    _check_objects(load_dict, checkpoint, path)
     try:
         Checkpoint.load_objects(to_load=dict(load_dict), checkpoint=dict(checkpoint), strict=strict)
     except (KeyError, RuntimeError, ValueError) as error:
@@ -300,7 +307,10 @@ class ResumeCheckpoint:
     the optimiser, an LR scheduler, and ``CheckpointSaver`` objects whose best-metric record must survive.
     Attach it last among the trainer's handlers, so that validation (and its best-model save) of an epoch has run
     before that epoch's state is saved. Without ``resume`` old resume files are removed at start: a fresh run
-    must never later be resumed from an older run's state.
+    must never later be resumed from an older run's state. A run that completes says so in ``finished.json``: its
+    state is kept, so the same run can be extended with more epochs, but a run of other settings in the same folder
+    (the README's Chest X-ray command after the demo) replaces it instead of being refused. The state of a run that
+    did not complete (killed, diverged) is never replaced: another run's settings are refused with the remedy.
     """
 
     def __init__(
@@ -334,25 +344,45 @@ class ResumeCheckpoint:
         )
         engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.epoch_completed)
+        engine.add_event_handler(Events.COMPLETED, self.completed)
+
+    def _remove_state(self) -> None:
+        for path in Path(self.save_dir).glob(f"{RESUME_PREFIX}_checkpoint_*.pt"):
+            path.unlink()
+        Path(self.save_dir, FINISHED_FILE).unlink(missing_ok=True)
+
+    def _finished_at(self, latest: Path) -> bool:
+        """Whether ``latest`` is the last state of a run that completed (not of one killed or diverged)."""
+        marker = Path(self.save_dir, FINISHED_FILE)
+        try:
+            finished_epoch = json.loads(marker.read_text())["epoch"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return finished_epoch == int(_RESUME_FILE.match(latest.name).group(1))
 
     def started(self, engine: Engine) -> None:
         latest = latest_resume_checkpoint(self.save_dir)
         if latest is None:
             return
         if not self.resume:
-            for path in Path(self.save_dir).glob(f"{RESUME_PREFIX}_checkpoint_*.pt"):
-                path.unlink()
+            self._remove_state()
             logger.info("resume is off: removed the resume checkpoints of an earlier run in %s.", self.save_dir)
             return
         checkpoint = load_checkpoint(latest, self.map_location)
-        prior_max_epochs = engine.state.max_epochs
+        present = self._present_in(checkpoint, latest)
         try:
-            _load_objects(self._present_in(checkpoint, latest), checkpoint, latest)
+            _check_objects(present, checkpoint, latest)
         except CheckpointError as error:  # another run's checkpoint, e.g. the demo's in the same models/ folder
+            if self._finished_at(latest):
+                self._remove_state()
+                logger.warning("%s Its run had completed, so this run starts afresh and replaces it.", error)
+                return
             raise CheckpointError(
-                f"{error} It is another run's resume checkpoint: give this run its own --ckpt_dir, or start afresh "
-                f"with --resume false (or delete {self.save_dir})."
+                f"{error} It is another run's resume checkpoint, of a run that did not complete: give this run its "
+                f"own --ckpt_dir, or start afresh with --resume false (or delete {self.save_dir})."
             ) from error
+        prior_max_epochs = engine.state.max_epochs
+        _load_objects(present, checkpoint, latest)
         if engine.state.epoch > prior_max_epochs:
             raise ValueError(f"{latest} is at epoch {engine.state.epoch}, past max_epochs {prior_max_epochs}.")
         engine.state.max_epochs = prior_max_epochs
@@ -380,6 +410,11 @@ class ResumeCheckpoint:
                 )
             logger.info("%s predates the %r state: it trained at a constant rate, which this run continues.", path, key)
         return {key: value for key, value in self.objects.items() if key not in missing}
+
+    def completed(self, engine: Engine) -> None:
+        from .reports import write_json
+
+        write_json(Path(self.save_dir, FINISHED_FILE), {"epoch": engine.state.epoch})
 
     def epoch_completed(self, engine: Engine) -> None:
         if _save_dict_is_finite({k: v for k, v in self.objects.items() if k != "trainer"}, "resume checkpoint"):

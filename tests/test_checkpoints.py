@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 import pytest
 import torch
@@ -155,19 +156,38 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert_same_state(kept, good)  # the good file stays
 
 
-def test_resume_checkpoint_names_the_encoder_it_was_saved_with(tmp_path):
-    trainer, _ = _train(tmp_path, AEFlowLoss(alpha=0.5), "raise", epochs=1)
-    trainer.run()
-    other = _net(encoder="efficientnet-lite1")
-    resume = ResumeCheckpoint(str(tmp_path / "resume"), {"model": other})
+def _resume_with(tmp_path, network, epochs=1) -> Engine:
     engine = Engine(lambda e, b: None)
-    resume.attach(engine)
+    ResumeCheckpoint(str(tmp_path / "resume"), {"model": network}).attach(engine)
+    engine.run([0], max_epochs=epochs)
+    return engine
+
+
+def test_an_unfinished_runs_checkpoint_is_refused_naming_the_encoder_it_was_saved_with(tmp_path):
+    trainer, _ = _train(tmp_path, _FaultyLoss(at_call=5), "raise")  # stops in epoch 2: its epoch-1 state is kept
+    with pytest.raises(FloatingPointError):
+        trainer.run()
     with pytest.raises(
         CheckpointError, match="saved with encoder 'efficientnet-lite0' but this run uses 'efficie"
     ) as refused:
-        engine.run([0], max_epochs=1)
-    # the remedy for a run that follows another in the same folder (the README's demo, then Chest X-ray)
-    assert "give this run its own --ckpt_dir, or start afresh with --resume false" in str(refused.value)
+        _resume_with(tmp_path, _net(encoder="efficientnet-lite1"))
+    assert "of a run that did not complete: give this run its own --ckpt_dir, or start afresh" in str(refused.value)
+    assert latest_resume_checkpoint(tmp_path / "resume").name == "resume_checkpoint_1.pt"  # nothing lost
+
+
+def test_a_completed_runs_state_extends_that_run_and_yields_to_a_run_of_other_settings(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="scripts.checkpoints")
+    trainer, network = _train(tmp_path, AEFlowLoss(alpha=0.5), "raise", epochs=1)
+    trainer.run()
+    assert (tmp_path / "resume" / "finished.json").is_file()
+    extended = _resume_with(tmp_path, network, epochs=2)  # the same run, more epochs: it resumes
+    assert "Resumed training from" in caplog.text and extended.state.epoch == 2
+    caplog.clear()
+    other = _net(encoder="efficientnet-lite1")  # the README's demo, then Chest X-ray, in one models/ folder
+    fresh = _resume_with(tmp_path, other)
+    assert "Its run had completed, so this run starts afresh" in caplog.text and fresh.state.epoch == 1
+    saved = torch.load(latest_resume_checkpoint(tmp_path / "resume"), weights_only=True)
+    assert saved["signature"]["encoder"] == "efficientnet-lite1" and saved["trainer"]["iteration"] == 1
 
 
 def test_an_unset_threshold_is_not_a_numerical_fault():
