@@ -60,3 +60,22 @@ def test_png_slice_phantoms_label_each_slice_by_its_lesion_and_read_as_2d_images
     items = load_split(str(tmp_path / "datalist.json"), "test", base_dir=str(tmp_path))
     image = Compose(item_transforms(RANGE_SPEC, image_size=32, channels=1))(items[-1])["image"]
     assert image.shape == (1, 32, 32) and 0.0 <= float(image.min()) and float(image.max()) <= 1.0
+
+
+@pytest.mark.parametrize(
+    "extra, in_channels, size",
+    [
+        ([], 1, 256),  # a user's own grey images (brain slices, films): the paper's size
+        ([], 3, 128),  # colour images: HAM10000 lost 2.79 points at 256 px
+        (["chest_xray.json"], None, 256),
+        (["ham10000_nv_mel.json"], None, 128),
+    ],
+)
+def test_images_2d_reads_grey_images_at_the_papers_size_and_colour_at_128(bundle_root, extra, in_channels, size):
+    """The decision of docs/results/images_2d_grey_image_size.json, as the configs resolve it for the network."""
+    from scripts.options import config_parser
+
+    configs = [str(bundle_root / "configs" / name) for name in ["train.json", "images_2d.json", *extra]]
+    overrides = {"encoder_weights": "none", **({"in_channels": in_channels} if in_channels else {})}
+    network = config_parser(configs, overrides).get_parsed_content("network_def")
+    assert network.image_size == (size, size)
