@@ -382,7 +382,13 @@ class ResumeCheckpoint:
                 f"own --ckpt_dir, or start afresh with --resume false (or delete {self.save_dir})."
             ) from error
         prior_max_epochs = engine.state.max_epochs
-        _load_objects(present, checkpoint, latest)
+        try:
+            _load_objects(present, checkpoint, latest)
+        except CheckpointError as error:  # fits the network, but not the rest of this run's state
+            raise CheckpointError(
+                f"{error} Give this run its own --ckpt_dir, or start afresh with --resume false (or delete "
+                f"{self.save_dir})."
+            ) from error
         if engine.state.epoch > prior_max_epochs:
             raise ValueError(f"{latest} is at epoch {engine.state.epoch}, past max_epochs {prior_max_epochs}.")
         engine.state.max_epochs = prior_max_epochs

@@ -190,6 +190,17 @@ def test_a_completed_runs_state_extends_that_run_and_yields_to_a_run_of_other_se
     assert saved["signature"]["encoder"] == "efficientnet-lite1" and saved["trainer"]["iteration"] == 1
 
 
+def test_a_checkpoint_that_fits_the_network_but_not_the_optimiser_is_refused_with_the_remedy(tmp_path):
+    trainer, network = _train(tmp_path, AEFlowLoss(alpha=0.5), "raise", epochs=1)
+    trainer.run()
+    params = list(network.trainable_parameters())
+    two_groups = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3)
+    engine = Engine(lambda e, b: None)
+    ResumeCheckpoint(str(tmp_path / "resume"), {"model": network, "optimizer": two_groups}).attach(engine)
+    with pytest.raises(CheckpointError, match="cannot be loaded into this run.*start afresh with --resume false"):
+        engine.run([0], max_epochs=2)
+
+
 def test_an_unset_threshold_is_not_a_numerical_fault():
     state = _net().state_dict()
     assert torch.isnan(state["scorer.threshold"]) and not nonfinite_entries(state)  # NaN: not chosen yet
