@@ -156,9 +156,10 @@ def test_non_finite_weights_are_never_saved(tmp_path):
     assert_same_state(kept, good)  # the good file stays
 
 
-def _resume_with(tmp_path, network, epochs=1) -> Engine:
+def _resume_with(tmp_path, network, epochs=1, **others) -> Engine:
+    """A run of ``network`` (and ``others``, e.g. its optimiser) in the resume folder an earlier ``_train`` used."""
     engine = Engine(lambda e, b: None)
-    ResumeCheckpoint(str(tmp_path / "resume"), {"model": network}).attach(engine)
+    ResumeCheckpoint(str(tmp_path / "resume"), {"model": network, **others}).attach(engine)
     engine.run([0], max_epochs=epochs)
     return engine
 
@@ -195,10 +196,8 @@ def test_a_checkpoint_that_fits_the_network_but_not_the_optimiser_is_refused_wit
     trainer.run()
     params = list(network.trainable_parameters())
     two_groups = torch.optim.Adam([{"params": params[:1]}, {"params": params[1:]}], lr=1e-3)
-    engine = Engine(lambda e, b: None)
-    ResumeCheckpoint(str(tmp_path / "resume"), {"model": network, "optimizer": two_groups}).attach(engine)
     with pytest.raises(CheckpointError, match="cannot be loaded into this run.*start afresh with --resume false"):
-        engine.run([0], max_epochs=2)
+        _resume_with(tmp_path, network, epochs=2, optimizer=two_groups)
 
 
 def test_an_unset_threshold_is_not_a_numerical_fault():
