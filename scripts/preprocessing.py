@@ -16,7 +16,9 @@ prepared the same way wherever it is scored:
 * ``intensity``: ``{"mode": "percentiles", "lower": 0.5, "upper": 99.5}`` (per volume or image),
   ``{"mode": "range", "a_min": 0, "a_max": 255}`` (fixed, e.g. 8-bit images) or ``{"mode": "histogram",
   "num_bins": 256}`` (per-image histogram equalisation, so that films of other exposures get one grey-level
-  distribution; Chest X-ray and HAM10000 since bundle 0.12.0, chosen on validation: docs/results.md); all map to [0, 1];
+  distribution; Chest X-ray and HAM10000 since bundle 0.12.0, chosen on validation: docs/results.md) or
+  ``{"mode": "clahe", "clip_limit": 0.01, "kernel_fraction": 0.125, "num_bins": 256}`` (contrast-limited adaptive
+  histogram equalisation, 2D images only); all map to [0, 1];
 * ``orientation`` (volumes): the axis codes volumes are turned to before slicing;
 * ``anti_aliasing``: Gaussian smoothing before downsizing 2D images (volumes are resized in-plane without it).
 
@@ -41,11 +43,14 @@ from monai.transforms import (
     ScaleIntensityRangePercentilesd,
 )
 
-from .transforms import CachedVolumed, EnsureChannelsd, SelectSliced, StrictLoadImaged
+from .transforms import CachedVolumed, EnsureChannelsd, LocalHistogramEqualised, SelectSliced, StrictLoadImaged
 
 KINDS = ("volume", "image")
-INTENSITY_MODES = ("percentiles", "range", "histogram")
-INTENSITY_DEFAULTS = {"histogram": {"num_bins": 256}}
+INTENSITY_MODES = ("percentiles", "range", "histogram", "clahe")
+INTENSITY_DEFAULTS = {
+    "histogram": {"num_bins": 256},
+    "clahe": {"clip_limit": 0.01, "kernel_fraction": 0.125, "num_bins": 256},
+}
 DEFAULTS = {
     "volume": {
         "reader": "NibabelReader",
@@ -79,6 +84,10 @@ def resolve_spec(spec: dict) -> dict:
     if mode not in INTENSITY_MODES:
         raise ValueError(f"input_spec intensity mode must be one of {', '.join(INTENSITY_MODES)}, got {mode!r}.")
     resolved["intensity"] = {"mode": mode, **INTENSITY_DEFAULTS.get(mode, {}), **resolved["intensity"]}
+    if mode == "range" and not {"a_min", "a_max"} <= set(resolved["intensity"]):
+        raise ValueError(f"input_spec intensity mode 'range' needs a_min and a_max, got {resolved['intensity']}.")
+    if kind == "volume" and mode == "clahe":
+        raise ValueError("input_spec intensity mode 'clahe' is for 2D images; volumes take 'percentiles' or 'range'.")
     if kind == "volume" and not 0.0 < float(resolved["slice_fraction"]) <= 1.0:
         raise ValueError(f"input_spec slice_fraction must lie in (0, 1], got {resolved['slice_fraction']}.")
     return resolved
@@ -103,6 +112,8 @@ def _intensity(spec: dict):
         return ScaleIntensityRangePercentilesd("image", b_min=0.0, b_max=1.0, clip=True, **settings)
     if spec["intensity"]["mode"] == "histogram":
         return HistogramNormalized("image", min=0.0, max=1.0, **settings)
+    if spec["intensity"]["mode"] == "clahe":
+        return LocalHistogramEqualised("image", **settings)
     return ScaleIntensityRanged("image", b_min=0.0, b_max=1.0, clip=True, **settings)
 
 

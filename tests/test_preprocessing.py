@@ -1,13 +1,16 @@
-"""Input preprocessing that a model file describes: the per-image histogram equalisation mode."""
+"""Input preprocessing that a model file describes: the global and the local (CLAHE) histogram equalisation modes."""
 
 import numpy as np
 import pytest
 import torch
 from monai.transforms import Compose
 from PIL import Image as PILImage
+from scipy.ndimage import uniform_filter
 from scripts.preprocessing import input_transforms, item_transforms, resolve_spec
+from scripts.transforms import LocalHistogramEqualised
 
 HISTOGRAM_SPEC = {"kind": "image", "reader": "PILReader", "intensity": {"mode": "histogram"}}
+CLAHE_SPEC = {"kind": "image", "intensity": {"mode": "clahe"}}
 RANGE_SPEC = {"kind": "image"}  # the 2D default: the fixed 0-255 range
 
 
@@ -41,10 +44,54 @@ def test_histogram_mode_maps_other_exposures_of_one_film_onto_one_another(tmp_pa
         assert float(image.mean()) == pytest.approx(0.5, abs=0.05)
 
 
-def test_histogram_mode_prepares_inference_input_as_evaluation_does(tmp_path):
+@pytest.mark.parametrize("spec", [HISTOGRAM_SPEC, CLAHE_SPEC], ids=["histogram", "clahe"])
+def test_equalising_modes_prepare_inference_input_as_evaluation_does(tmp_path, spec):
     film = _film(tmp_path / "film.png", 1.3)
-    whole = input_transforms(HISTOGRAM_SPEC, 64, 1)({"image": film})["image"]
-    assert torch.equal(torch.as_tensor(whole), torch.as_tensor(_prepared(HISTOGRAM_SPEC, film)))
+    whole = input_transforms(spec, 64, 1)({"image": film})["image"]
+    assert torch.equal(torch.as_tensor(whole), torch.as_tensor(_prepared(spec, film)))
+
+
+def test_clahe_mode_is_stored_with_its_settings_and_refuses_what_it_cannot_equalise():
+    assert resolve_spec(CLAHE_SPEC)["intensity"] == {
+        "mode": "clahe",
+        "clip_limit": 0.01,
+        "kernel_fraction": 0.125,
+        "num_bins": 256,
+    }
+    with pytest.raises(ValueError, match="for 2D images"):
+        resolve_spec({"kind": "volume", "intensity": {"mode": "clahe"}})
+    with pytest.raises(ValueError, match="clip_limit"):
+        item_transforms({"kind": "image", "intensity": {"mode": "clahe", "clip_limit": 0}}, 64, 1)
+    with pytest.raises(ValueError, match="needs a_min and a_max"):
+        resolve_spec({"kind": "image", "intensity": {"mode": "range"}})
+    equalise = LocalHistogramEqualised("image")
+    with pytest.raises(ValueError, match="grey or RGB"):
+        equalise({"image": torch.rand(2, 32, 32)})
+
+
+def test_clahe_mode_raises_faint_local_detail_evenly_across_an_exposure_gradient(tmp_path):
+    """Faint texture over a strong left-to-right exposure gradient: global equalisation leaves the texture about
+    as faint as it was (a ramp is already uniform), CLAHE raises it, on the dark and the bright side alike."""
+    y, x = np.mgrid[0:128, 0:128] / 127.0
+    path = tmp_path / "gradient.png"
+    PILImage.fromarray(np.round(255 * (0.1 + 0.8 * x + 0.03 * np.sin(40 * y))).astype(np.uint8)).save(path)
+
+    def detail(spec):  # the texture's strength on the dark and on the bright side
+        image = Compose(item_transforms(spec, 128, 1))({"image": str(path)})["image"][0].numpy()
+        high_passed = image - uniform_filter(image, 16)
+        return high_passed[:, 8:40].std(), high_passed[:, 88:120].std()
+
+    histogram, clahe = detail(HISTOGRAM_SPEC), detail(CLAHE_SPEC)
+    assert min(clahe) > 1.4 * max(histogram)
+    assert clahe[0] == pytest.approx(clahe[1], rel=0.1)
+
+
+def test_clahe_mode_equalises_colour_images_and_keeps_them_in_the_unit_range():
+    rgb = torch.stack([torch.linspace(0, 200, 64).repeat(64, 1) + 10 * c for c in range(3)])
+    out = LocalHistogramEqualised("image")({"image": rgb})["image"]
+    assert out.shape == rgb.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0.0 and float(out.max()) == pytest.approx(1.0, abs=1e-6)
+    assert not torch.allclose(out, (rgb - rgb.min()) / (rgb.max() - rgb.min()), atol=0.02)
 
 
 def test_png_slice_phantoms_label_each_slice_by_its_lesion_and_read_as_2d_images(tmp_path):

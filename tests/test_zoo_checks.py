@@ -46,6 +46,32 @@ def test_metadata_schema_net_in_out_and_export_reload(bundle_root, tmp_path):
         zoo_checks.check_metadata(broken, SCHEMA)
 
 
+def _pins(path) -> dict[str, str]:
+    """``name==version`` lines of a requirements file, names lower-cased and without extras."""
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    return {
+        name.split("[")[0].strip().lower(): version.strip()
+        for name, _, version in (line.partition("==") for line in lines if "==" in line)
+    }
+
+
+def test_metadata_and_both_requirement_files_pin_the_same_versions(bundle_root):
+    """What the bundle declares (metadata.json), installs (requirements.txt) and packages for MONAI Deploy
+    (deploy/app/requirements.txt) name one version of every package, so a new dependency cannot be added to one
+    list and forgotten in another."""
+    metadata = json.loads((bundle_root / "configs" / "metadata.json").read_text())
+    declared = {name.lower(): version for name, version in metadata["required_packages_version"].items()}
+    declared.update(monai=metadata["monai_version"], torch=metadata["pytorch_version"], numpy=metadata["numpy_version"])
+    installed = _pins(bundle_root / "requirements.txt")
+    assert installed == {name: declared[name] for name in installed if name in declared}
+    assert sorted(set(installed) - set(declared)) == []
+    packaged = _pins(bundle_root / "deploy" / "app" / "requirements.txt")
+    assert {name: version for name, version in packaged.items() if name in installed} == {
+        name: installed[name] for name in packaged if name in installed
+    }
+    assert "scikit-image" in packaged  # the Deploy app imports the preprocessing, CLAHE mode included
+
+
 def _assert_reevaluates_to_claims(bundle_root, tmp_path, claim_prefix: str, **override) -> None:
     """``evaluate.json`` on a shipped model gives the ``eval_metrics`` its metadata claims (the model-zoo asks that
     they stay consistent with the weights); the model file supplies every network and preprocessing setting."""
