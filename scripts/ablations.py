@@ -402,12 +402,20 @@ def compare(
 
 
 def _baseline_comparison(path: Path, seeds: list[int] | None, variants: list[str]) -> dict:
-    """An earlier ``compare --seeds`` table holding every variant with the same seeds, checked before training."""
+    """An earlier ``compare --seeds`` table holding every variant with the same seeds, checked before training; or
+    an ``ensemble-seeds`` record of the same seeds, the baseline of every variant (a single model against the
+    ensemble it might replace)."""
     if not seeds:
         raise ValueError("A baseline needs --seeds: the rule pairs the two comparisons seed by seed.")
     if not path.is_file():
         raise FileNotFoundError(f"The baseline {path} does not exist: pass an earlier comparison.json.")
     earlier = json.loads(path.read_text())
+    if "ensemble" in earlier and "seeds" in earlier:
+        if list(earlier["seeds"]) != list(seeds):
+            raise ValueError(
+                f"The baseline {path} was run with seeds {earlier['seeds']}, this comparison with {seeds}."
+            )
+        return {name: earlier["ensemble"] for name in variants}
     for name in variants:
         if list(earlier.get(name, {}).get("seeds", [])) != list(seeds):
             found = earlier.get(name, {}).get("seeds")

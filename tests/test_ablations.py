@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import TINY_OVERRIDES
 from scripts import ablations, metrics, studies
+from scripts.model_file import network_from_file
 from sklearn.metrics import roc_auc_score
 
 
@@ -149,6 +150,21 @@ def test_ensemble_seeds_study_and_its_rule(bundle_root, tiny_dataset, tmp_path):
     assert roc_auc_score(scores["labels"], scores["values"][0]) == pytest.approx(
         seed_table["ensemble"]["validation_auc"]
     )
+    joint = ["--set", "encoder=efficientnet-lite0+efficientnet-lite2"]  # one model on both encoders' features
+    ablations.main(
+        ["compare", "--output", str(tmp_path / "j"), "--seeds", "0", *common, *joint, "--baseline", str(baseline)]
+    )
+    compared = json.loads((tmp_path / "j" / "comparison.json").read_text())["AE-FLOW"]
+    model = network_from_file(tmp_path / "j" / "AE-FLOW" / "seed_0" / "models" / "model.pt")
+    assert model.settings["encoder"] == "efficientnet-lite0+efficientnet-lite2"
+    rule, ensemble_auc = compared["rule"], study["ensemble"]["validation_auc"]["values"][0]  # the record: the baseline
+    assert rule["baseline_validation_auc"] == [round(100 * ensemble_auc, 2)]
+    assert rule["differences"][0] == pytest.approx(
+        100 * (compared["validation_auc"]["values"][0] - ensemble_auc), abs=0.01
+    )
+    assert len(rule["validation_sample_interval"]) == 2
+    with pytest.raises(ValueError, match="seeds"):
+        ablations.compare(["unused.json"], {}, tmp_path / "b", {"AE-FLOW": []}, [1], baseline)
     with pytest.raises(ValueError, match="seeds"):
         studies.ensemble_seeds(["unused.json"], {}, tmp_path / "b", ["x", "y"], [1], baseline)
     with pytest.raises(FileNotFoundError, match="does not exist"):

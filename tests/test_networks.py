@@ -59,6 +59,35 @@ def test_random_weights_are_announced(caplog):
     assert "RANDOM weights" in caplog.text
 
 
+def test_joined_encoders_concatenate_each_parts_imagenet_features_and_round_trip_a_model_file(tmp_path):
+    """``efficientnet-lite0+efficientnet-lite2``: each part's own ImageNet features, side by side on one grid; the
+    decoder mirrors both; a model file of it loads with the same encoder and scores the same, on either runtime."""
+    from scripts.model_file import network_from_file
+
+    joined, parts = build_encoder("efficientnet-lite0+efficientnet-lite2"), [
+        build_encoder(name) for name in ("efficientnet-lite0", "efficientnet-lite2")
+    ]
+    images = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(joined(images), torch.cat([part(images) for part in parts], dim=1))
+    assert joined.out_channels == 232 and joined.skip_channels == (40 + 48, 24 + 24, 16 + 16)
+    torch.manual_seed(0)
+    network = AEFlow(encoder="efficientnet-lite0+efficientnet-lite2", image_size=64, flow_blocks=2).eval()
+    torch.save(network.state_dict(), tmp_path / "model.pt")
+    loaded = network_from_file(tmp_path / "model.pt").eval()
+    assert loaded.settings["encoder"] == "efficientnet-lite0+efficientnet-lite2" and loaded.feature_shape[0] == 232
+    with torch.no_grad():
+        expected = network.score(images)["score"]
+        assert torch.equal(loaded.score(images)["score"], expected)
+        loaded.encoder.use_runtime("onnxruntime")
+        assert torch.allclose(loaded.score(images)["score"], expected, atol=1e-3)
+    for bad in ("efficientnet-lite0+efficientnet-lite0", "efficientnet-lite0+resnet18"):
+        with pytest.raises(ValueError, match="joined by '\\+'"):
+            build_encoder(bad, "none")
+    with pytest.raises(ValueError, match="its weights are 'imagenet' or 'none'"):
+        build_encoder("efficientnet-lite0+efficientnet-lite2", str(tmp_path / "one_file.pth"))
+
+
 def test_unknown_encoder_names_allowed_values():
     with pytest.raises(ValueError, match="wide_resnet50_2, efficientnet-lite0"):
         build_encoder("resnet18")
