@@ -401,6 +401,12 @@ def compare(
     return table
 
 
+def check_baseline_seeds(path: Path, found: list[int], seeds: list[int]) -> None:
+    """The rule pairs a study with its baseline seed by seed: a baseline of other seeds is refused before training."""
+    if list(found) != list(seeds):
+        raise ValueError(f"The baseline {path} was run with seeds {found}, this study with {seeds}.")
+
+
 def _baseline_comparison(path: Path, seeds: list[int] | None, variants: list[str]) -> dict:
     """An earlier ``compare --seeds`` table holding every variant with the same seeds, checked before training; or
     an ``ensemble-seeds`` record of the same seeds, the baseline of every variant (a single model against the
@@ -411,10 +417,7 @@ def _baseline_comparison(path: Path, seeds: list[int] | None, variants: list[str
         raise FileNotFoundError(f"The baseline {path} does not exist: pass an earlier comparison.json.")
     earlier = json.loads(path.read_text())
     if "ensemble" in earlier and "seeds" in earlier:
-        if list(earlier["seeds"]) != list(seeds):
-            raise ValueError(
-                f"The baseline {path} was run with seeds {earlier['seeds']}, this comparison with {seeds}."
-            )
+        check_baseline_seeds(path, earlier["seeds"], seeds)
         return {name: earlier["ensemble"] for name in variants}
     for name in variants:
         if list(earlier.get(name, {}).get("seeds", [])) != list(seeds):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import reports
-from .ablations import compare, divergence_text, ensemble, mean_std
+from .ablations import check_baseline_seeds, compare, divergence_text, ensemble, mean_std
 from .metrics import paired_rule, seed_scores
 from .options import config_parser
 
@@ -36,8 +36,7 @@ def _baseline_study(path: Path, seeds: list[int]) -> dict:
     earlier = json.loads(path.read_text())
     if "seeds" not in earlier or "validation_auc" not in earlier.get("ensemble", {}):
         raise ValueError(f"The baseline {path} is not an ensemble-seeds study (no seeds or ensemble validation AUC).")
-    if list(earlier["seeds"]) != list(seeds):
-        raise ValueError(f"The baseline {path} was run with seeds {earlier['seeds']}, this study with {seeds}.")
+    check_baseline_seeds(path, earlier["seeds"], seeds)
     return earlier
 
 

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from monai.utils import convert_to_dst_type
+from monai.transforms.utils import rescale_array
+from monai.utils import convert_to_dst_type, convert_to_numpy
 from skimage.exposure import equalize_adapthist
 
 from .inputs import StrictImageLoader
@@ -58,9 +59,7 @@ class LocalHistogramEqualised(MapTransform):
                 raise ValueError(
                     f"clahe equalises channel-first 2D grey or RGB images, got shape {tuple(image.shape)} for {key!r}."
                 )
-            array = torch.as_tensor(image).detach().cpu().double().numpy()
-            low, high = array.min(), array.max()
-            array = (array - low) / (high - low) if high > low else np.zeros_like(array)
+            array = rescale_array(convert_to_numpy(image, dtype=np.float64), 0.0, 1.0, dtype=None)
             kernel = [max(int(round(side * self.kernel_fraction)), 1) for side in array.shape[1:]]
             grey = array.shape[0] == 1
             plane = array[0] if grey else np.moveaxis(array, 0, -1)
