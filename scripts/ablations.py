@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from monai.utils import convert_to_tensor
+from monai.utils import convert_to_tensor, set_determinism
 from sklearn.metrics import roc_auc_score
 
 from . import reports
@@ -438,12 +438,15 @@ def _cached_features(parser, section: str, split: str) -> tuple[torch.Tensor, np
 
 def flow_probe(train, val, test, feature_norm: str, subnet: str, epochs: int, batch_size: int, lr: float, seed: int):
     """The flow of AE-FLOW alone (LayerNorm, 8 blocks, nll/mean score) on cached features: a cheap screen of what
-    the flow can find in one set of features, per epoch, with the epoch kept by validation AUC."""
+    the flow can find in one set of features, per epoch, with the epoch kept by validation AUC.
+
+    The seed is set as training sets it (``set_determinism``): FrEIA draws each block's channel permutation from
+    NumPy, so seeding torch alone left the flow's permutations to chance and a probe's "seed" unrepeatable."""
     from .flow import build_flow
     from .losses import flow_nll
     from .scores import flow_score_map
 
-    torch.manual_seed(seed)
+    set_determinism(seed=seed)
     features, val_labels, test_labels = train[0], val[1], test[1]
     norm = torch.nn.LayerNorm(features.shape[1:]) if feature_norm == "layernorm" else torch.nn.Identity()
     flow = build_flow(*features.shape[1:], subnet=subnet)

@@ -12,6 +12,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from conftest import TINY_OVERRIDES
 from scripts import ablations, metrics, studies
 from scripts.model_file import network_from_file
@@ -368,3 +369,20 @@ def test_the_shipped_study_plan_is_a_valid_plan(bundle_root):
     plan = json.loads((bundle_root / "docs" / "study_plan.json").read_text())
     names = [variant["name"] for variant in studies.checked_plan(plan)]
     assert "the paper's image size" in names and len(names) == len(set(names))
+
+
+def test_flow_probe_repeats_itself_for_a_seed():
+    """FrEIA draws its channel permutations from NumPy: the probe's seed must fix them, as training's does, or two
+    probes of one seed are two different flows."""
+    generator = torch.Generator().manual_seed(0)
+    train = (torch.randn(48, 8, 4, 4, generator=generator), np.zeros(48, dtype=int))
+    labels = np.array([0, 1] * 40)
+    shifted = torch.randn(80, 8, 4, 4, generator=generator) + torch.as_tensor(labels).view(-1, 1, 1, 1) * 0.3
+    val, test = (shifted[:40], labels[:40]), (shifted[40:], labels[40:])
+    probe = dict(feature_norm="layernorm", subnet="resnet", epochs=2, batch_size=16, lr=1e-3)
+    first = ablations.flow_probe(train, val, test, seed=5, **probe)
+    np.random.rand(7)  # whatever ran in between, NumPy's state included
+    again = ablations.flow_probe(train, val, test, seed=5, **probe)
+    assert again == first
+    other = ablations.flow_probe(train, val, test, seed=6, **probe)
+    assert other["by_epoch"] != first["by_epoch"]
