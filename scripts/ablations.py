@@ -444,11 +444,12 @@ def flow_probe(train, val, test, feature_norm: str, subnet: str, epochs: int, ba
     NumPy, so seeding torch alone left the flow's permutations to chance and a probe's "seed" unrepeatable."""
     from .flow import build_flow
     from .losses import flow_nll
+    from .networks import build_feature_norm
     from .scores import flow_score_map
 
     set_determinism(seed=seed)
     features, val_labels, test_labels = train[0], val[1], test[1]
-    norm = torch.nn.LayerNorm(features.shape[1:]) if feature_norm == "layernorm" else torch.nn.Identity()
+    norm = build_feature_norm(feature_norm, features.shape[1:])
     flow = build_flow(*features.shape[1:], subnet=subnet)
     optimizer = torch.optim.Adam([*flow.parameters(), *norm.parameters()], lr=lr)
 

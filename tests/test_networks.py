@@ -193,6 +193,30 @@ def test_wrong_input_shape_is_explained(tiny_net):
         tiny_net(torch.rand(1, 3, 64, 64))
 
 
+def test_layernorm_affine_lowers_the_loss_for_free_and_the_no_affine_variant_has_none():
+    """The learnt affine of ``layernorm`` is a change of volume the flow's likelihood does not count: shrinking it
+    lowers the loss with the flow unchanged, which is why that loss is unbounded below. ``layernorm_no_affine``
+    standardises the same way with nothing to learn, so the loss cannot be lowered that way."""
+    from scripts.losses import flow_nll
+
+    torch.manual_seed(0)
+    affine = AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, feature_norm="layernorm").eval()
+    features = 5.0 + 3.0 * torch.randn(4, *affine.feature_shape)
+    with torch.no_grad():
+        before = flow_nll(*affine.flow_only(features)).mean()
+        affine.feature_norm.weight.mul_(0.5)
+        after = flow_nll(*affine.flow_only(features)).mean()
+    assert after < before - 0.2  # 0.5 z'^2 shrinks about 4-fold; nothing counts the volume lost
+
+    fixed = AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, feature_norm="layernorm_no_affine").eval()
+    assert list(fixed.feature_norm.parameters()) == []
+    inside = fixed.feature_norm(features)
+    assert abs(float(inside.mean())) < 1e-3 and abs(float(inside.std()) - 1.0) < 1e-2
+    assert torch.allclose(inside, torch.nn.functional.layer_norm(features, fixed.feature_shape))
+    with pytest.raises(ValueError, match="layernorm_no_affine"):
+        AEFlow(encoder_weights="none", image_size=64, flow_blocks=2, feature_norm="LayerNorm")
+
+
 def test_feature_norm_is_a_trained_layernorm_or_nothing_and_older_files_mean_nothing(tmp_path):
     """``feature_norm: layernorm`` (FastFlow's) standardises each image's features before the flow and trains with
     it; a model file written before the setting existed loads as the paper's "none"."""
