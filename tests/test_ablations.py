@@ -386,3 +386,21 @@ def test_flow_probe_repeats_itself_for_a_seed():
     assert again == first
     other = ablations.flow_probe(train, val, test, seed=6, **probe)
     assert other["by_epoch"] != first["by_epoch"]
+
+
+@pytest.mark.parametrize(
+    "args, needs",
+    [
+        (["scoring"], "scoring needs --run"),
+        (["ensemble"], "ensemble needs --runs"),
+        (["ensemble-seeds", "--encoders", "efficientnet-lite0", "--seeds", "0"], "--encoders (at least 2)"),
+        (["ensemble-seeds", "--encoders", "efficientnet-lite0", "efficientnet-lite2"], "ensemble-seeds needs --seeds"),
+        (["study", "--encoders", "efficientnet-lite0", "--seeds", "0"], "study needs --plan"),
+    ],
+)
+def test_missing_arguments_are_named_before_anything_runs(tmp_path, capsys, args, needs):
+    with pytest.raises(SystemExit) as stopped:
+        ablations.main([*args, "--output", str(tmp_path / "out")])
+    assert stopped.value.code == 2
+    assert needs in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
