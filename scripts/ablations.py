@@ -797,7 +797,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"{args.kind} needs {' and '.join(missing)}")
     about = {"data": args.data, "purpose": args.purpose, "command": args.command_line}
     if args.kind == "record":
-        record(Path(args.run), output, args.data, args.command_line, args.purpose)
+        record(Path(args.run), output, **about)
     elif args.kind == "scoring":
         scoring_designs(args.configs, overrides, Path(args.run), output)
     elif args.kind == "reconstruction":
