@@ -88,6 +88,7 @@ RECORDED_KEYS = (
     "learning_rate",
     "weight_decay",
     "early_stop_patience",
+    "train_grid_phases",
     "lr_schedule",
     "train_amp",
     "seed",

@@ -71,3 +71,24 @@ def list_inputs(directory: str, pattern: str | list[str] = "*") -> list[dict]:
     if not files:
         raise FileNotFoundError(f"No input matches {' or '.join(map(repr, patterns))} in {directory!r}.")
     return [{"image": f} for f in files]
+
+
+GRID_PHASES = (1, 4)
+
+
+def with_grid_phases(items: list[dict], phases: int = 1) -> list[dict]:
+    """Training items at ``phases`` phases of the encoder's sampling grid: 1, the items as they are; 4, each item
+    also shifted by half the encoder's stride right, down and both (``scripts.transforms.GridShiftd`` reads
+    ``grid_shift``).
+
+    The models are tuned to the grid they were trained on (shifted views score lower: docs/results.md); a flow
+    trained on all four phases sees each film's features sampled four ways."""
+    if phases not in GRID_PHASES:
+        raise ValueError(f"train_grid_phases must be one of {GRID_PHASES}, got {phases!r}.")
+    if phases == 1:
+        return items
+    from .encoders import STRIDE
+
+    half = STRIDE // 2
+    shifts = ([0, 0], [half, 0], [0, half], [half, half])
+    return [{**item, "grid_shift": shift} for shift in shifts for item in items]

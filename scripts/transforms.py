@@ -1,6 +1,6 @@
 """MONAI transforms that MONAI lacks for AE-FLOW: 3D-to-2D slice selection, channel matching, a per-volume cache
-for slice items, local (CLAHE) histogram equalisation, and loading without a silent reader fallback (the frozen
-encoder's features are cached by ``scripts.feature_cache``).
+for slice items, local (CLAHE) histogram equalisation, a deterministic grid-phase shift for training, and loading
+without a silent reader fallback (the frozen encoder's features are cached by ``scripts.feature_cache``).
 
 Everything else in the pipelines (loading with nibabel or ITK, orientation, intensity scaling, resizing) is
 MONAI's own and wired in the JSON configs.
@@ -14,6 +14,7 @@ from typing import Hashable, Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from monai.transforms.utils import rescale_array
@@ -98,6 +99,42 @@ class SelectSliced(MapTransform):
                 raise IndexError(f"Slice {index} is outside the volume's {depth} slices along axis {self.axis}.")
             d[key] = volume.select(self.axis + 1, index)
         return d
+
+
+class GridShiftd(MapTransform):
+    """Move an image right and down by the whole pixels of its item's ``shift_key`` (``[right, down]``), filling
+    the uncovered border by reflection; an item without it stays as it is.
+
+    The frozen encoder samples the image on a grid of its stride; shifting by half a stride shows it the same film at
+    another phase of that grid. Deterministic per item, so the shifted images' features are cached like any other
+    (``scripts.datalists.with_grid_phases`` lists the phases of each training item)."""
+
+    def __init__(self, keys: KeysCollection, shift_key: str = "grid_shift", allow_missing_keys=False):
+        super().__init__(keys, allow_missing_keys)
+        self.shift_key = shift_key
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        d = dict(data)
+        if self.shift_key not in d:
+            return d
+        right, down = (int(step) for step in d[self.shift_key])
+        for key in self.key_iterator(d):
+            image = d[key]
+            height, width = image.shape[-2:]
+            if image.ndim != 3 or not (0 <= right < width and 0 <= down < height):
+                raise ValueError(
+                    f"GridShiftd shifts channel-first 2D images by less than their size, got shape "
+                    f"{tuple(image.shape)} and shift {[right, down]} for {key!r}."
+                )
+            padded = F.pad(torch.as_tensor(image)[None], (right, 0, down, 0), mode="reflect")[0]
+            d[key] = convert_to_dst_type(padded[..., :height, :width].contiguous(), image)[0]
+        return d
+
+
+def grid_phase_transforms(phases: int) -> list:
+    """What moves each training item to its grid phase: nothing at one phase, ``GridShiftd`` otherwise (the items
+    come from ``scripts.datalists.with_grid_phases``)."""
+    return [GridShiftd("image")] if phases > 1 else []
 
 
 class EnsureChannelsd(MapTransform):

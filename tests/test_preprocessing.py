@@ -6,8 +6,10 @@ import torch
 from monai.transforms import Compose
 from PIL import Image as PILImage
 from scipy.ndimage import uniform_filter
+from scripts.datalists import with_grid_phases
+from scripts.encoders import STRIDE
 from scripts.preprocessing import input_transforms, item_transforms, resolve_spec
-from scripts.transforms import LocalHistogramEqualised
+from scripts.transforms import GridShiftd, LocalHistogramEqualised
 
 HISTOGRAM_SPEC = {"kind": "image", "reader": "PILReader", "intensity": {"mode": "histogram"}}
 CLAHE_SPEC = {"kind": "image", "intensity": {"mode": "clahe"}}
@@ -126,3 +128,51 @@ def test_images_2d_reads_grey_images_at_the_papers_size_and_colour_at_128(bundle
     overrides = {"encoder_weights": "none", **({"in_channels": in_channels} if in_channels else {})}
     network = config_parser(configs, overrides).get_parsed_content("network_def")
     assert network.image_size == (size, size)
+
+
+def test_grid_shift_moves_the_image_by_whole_pixels_and_reflects_the_border():
+    """``GridShiftd`` shows the encoder the same image at another phase of its sampling grid."""
+    image = torch.arange(2 * 5 * 6, dtype=torch.float32).view(2, 5, 6)
+    moved = GridShiftd("image")({"image": image, "grid_shift": [2, 1]})["image"]
+    assert torch.equal(moved[:, 1:, 2:], image[:, :-1, :-2])  # the content, two pixels right and one down
+    assert torch.equal(moved[:, 0, 2:], image[:, 1, :-2])  # the top row reflected from the row below the edge
+    assert torch.equal(moved[:, 1:, 0], image[:, :-1, 2])  # the left column reflected likewise
+    assert GridShiftd("image")({"image": image})["image"] is image  # no grid_shift: phase 0, untouched
+    with pytest.raises(ValueError, match="less than their size"):
+        GridShiftd("image")({"image": image, "grid_shift": [6, 0]})
+
+
+def test_training_items_at_four_grid_phases_are_each_item_shifted_by_half_the_stride():
+    items = [{"image": "a.png", "label": 0}, {"image": "b.png", "label": 0}]
+    assert with_grid_phases(items, 1) is items
+    phased = with_grid_phases(items, 4)
+    half = STRIDE // 2
+    assert [(item["image"], item["grid_shift"]) for item in phased] == [
+        (name, shift) for shift in ([0, 0], [half, 0], [0, half], [half, half]) for name in ("a.png", "b.png")
+    ]
+    assert "grid_shift" not in items[0]  # the datalist's own items are left as they were
+    with pytest.raises(ValueError, match=r"train_grid_phases must be one of \(1, 4\), got 2"):
+        with_grid_phases(items, 2)
+
+
+def test_train_grid_phases_feeds_training_each_item_at_four_phases_and_leaves_validation_alone(
+    bundle_root, tiny_dataset
+):
+    """The config's wiring: four times the training items, each shifted to its phase before the encoder; the
+    validation items and their preprocessing as at one phase (so their cached features are shared)."""
+    from scripts.options import config_parser
+
+    configs = [str(bundle_root / "configs" / "train.json")]
+    base = {"dataset_dir": str(tiny_dataset), "encoder_weights": "none", "image_size": 64}
+    one = config_parser(configs, base)
+    four = config_parser(configs, {**base, "train_grid_phases": 4})
+    items = one.get_parsed_content("train#phased_data")
+    phased = four.get_parsed_content("train#phased_data")
+    assert len(phased) == 4 * len(items)
+    preprocess = four.get_parsed_content("train#preprocessing")
+    assert any(isinstance(t, GridShiftd) for t in preprocess.transforms)
+    assert not any(isinstance(t, GridShiftd) for t in four.get_parsed_content("validate#preprocessing").transforms)
+    plain = one.get_parsed_content("train#preprocessing")(dict(items[0]))["image"]
+    shifted = preprocess(dict(phased[len(items)]))["image"]  # the first item at its second phase: [8, 0]
+    assert phased[len(items)]["grid_shift"] == [8, 0]
+    assert torch.equal(torch.as_tensor(shifted)[..., 8:], torch.as_tensor(plain)[..., :-8])
