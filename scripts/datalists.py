@@ -11,6 +11,7 @@ from pathlib import Path
 
 from monai.data import load_decathlon_datalist
 
+from .encoders import STRIDE
 from .synthetic import prepare_default_dataset
 
 logger = logging.getLogger(__name__)
@@ -87,8 +88,6 @@ def with_grid_phases(items: list[dict], phases: int = 1) -> list[dict]:
         raise ValueError(f"train_grid_phases must be one of {GRID_PHASES}, got {phases!r}.")
     if phases == 1:
         return items
-    from .encoders import STRIDE
-
     half = STRIDE // 2
     shifts = ([0, 0], [half, 0], [0, half], [half, half])
     return [{**item, "grid_shift": shift} for shift in shifts for item in items]

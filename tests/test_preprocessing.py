@@ -172,7 +172,8 @@ def test_train_grid_phases_feeds_training_each_item_at_four_phases_and_leaves_va
     preprocess = four.get_parsed_content("train#preprocessing")
     assert any(isinstance(t, GridShiftd) for t in preprocess.transforms)
     assert not any(isinstance(t, GridShiftd) for t in four.get_parsed_content("validate#preprocessing").transforms)
+    half = STRIDE // 2
     plain = one.get_parsed_content("train#preprocessing")(dict(items[0]))["image"]
-    shifted = preprocess(dict(phased[len(items)]))["image"]  # the first item at its second phase: [8, 0]
-    assert phased[len(items)]["grid_shift"] == [8, 0]
-    assert torch.equal(torch.as_tensor(shifted)[..., 8:], torch.as_tensor(plain)[..., :-8])
+    shifted = preprocess(dict(phased[len(items)]))["image"]  # the first item at its second phase: half a stride right
+    assert phased[len(items)]["grid_shift"] == [half, 0]
+    assert torch.equal(torch.as_tensor(shifted)[..., half:], torch.as_tensor(plain)[..., :-half])
