@@ -62,15 +62,35 @@ def load_split(datalist_file: str, split: str, base_dir: str | None = None, norm
     return items
 
 
+def caseless_glob(pattern: str) -> str:
+    """``pattern`` with each letter outside a ``[...]`` class matching either case: scanners and exports write
+    ``.PNG`` and ``.JPG`` as often as ``.png``."""
+    parts, in_class = [], False
+    for char in pattern:
+        in_class = (in_class or char == "[") and char != "]"
+        parts.append(f"[{char.lower()}{char.upper()}]" if char.isalpha() and not in_class else char)
+    return "".join(parts)
+
+
 def list_inputs(directory: str, pattern: str | list[str] = "*") -> list[dict]:
-    """Inference inputs: every file under ``directory`` matching ``pattern`` (or any of several), sorted, as
-    ``{"image": path}``."""
+    """Inference inputs: every file under ``directory`` matching ``pattern`` (or any of several) in either letter
+    case, sorted, as ``{"image": path}``; the directory's other files are named in the log, not dropped silently."""
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"Input directory {directory!r} does not exist.")
     patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    files = sorted({str(p) for glob in patterns for p in Path(directory).glob(glob) if p.is_file()})
+    files = sorted({str(p) for glob in patterns for p in Path(directory).glob(caseless_glob(glob)) if p.is_file()})
     if not files:
         raise FileNotFoundError(f"No input matches {' or '.join(map(repr, patterns))} in {directory!r}.")
+    others = sorted(p.name for p in Path(directory).iterdir() if p.is_file() and str(p) not in files)
+    if others:
+        logger.warning(
+            "%d file(s) in %s match none of %s and are not scored: %s%s",
+            len(others),
+            directory,
+            patterns,
+            ", ".join(others[:5]),
+            " ..." if len(others) > 5 else "",
+        )
     return [{"image": f} for f in files]
 
 

@@ -22,6 +22,10 @@ from .options import flag
 
 logger = logging.getLogger(__name__)
 FLOAT32_MAX = float(np.finfo(np.float32).max)
+# PIL modes whose values are grey levels or RGB as they are; other modes are converted (``plain_pil_mode``)
+PLAIN_PIL_MODES = ("L", "RGB", "I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+HIGH_BIT_PIL_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+GREY_PIL_MODES = ("1", "LA", "La")
 
 
 try:  # a web framework that serves the bundle (MONAI Label's FastAPI server) answers these with their message
@@ -91,12 +95,37 @@ def check_array(image, path, allow_constant: bool = False) -> None:
         )
 
 
+def plain_pil_mode(image):
+    """A PIL image as grey levels or RGB. PILReader hands over a file's raw values, so without this a palette image
+    is read as its palette indices, an alpha channel is averaged into grey and a CMYK JPEG turns black."""
+    if image.mode in PLAIN_PIL_MODES:
+        return image
+    return image.convert("L" if image.mode in GREY_PIL_MODES else "RGB")
+
+
+def check_bit_depth(image, path, eight_bit_ceiling: float | None) -> None:
+    """Refuse a 16- or 32-bit image whose values lie beyond an 8-bit fixed intensity range (``eight_bit_ceiling``,
+    the range's upper end): that range would clip it to white."""
+    mode = getattr(image, "meta", {}).get("mode")
+    if eight_bit_ceiling is None or mode not in HIGH_BIT_PIL_MODES:
+        return
+    high = float(torch.as_tensor(image).max())
+    if high > eight_bit_ceiling:
+        raise BadInputError(
+            f"{path}: a {mode} image with values up to {high:g}, but this model reads 2D images on the fixed range "
+            f"[.., {eight_bit_ceiling:g}] (input_spec intensity 'range'), which would clip it to white; convert the "
+            'images to 8 bits, or train with --image_intensity \'{"mode": "percentiles", "lower": 0.5, "upper": 99.5}\''
+        )
+
+
 class StrictImageLoader:
     """Load an image with exactly one reader and check it.
 
     MONAI's ``LoadImage`` falls back to every other registered reader when the chosen one fails; for a truncated
     ``.nii.gz`` ITK then returns garbage voxels without an error. Here a named reader is the only one tried;
-    without a name, the one reader MONAI would try first for that file suffix is the only one tried.
+    without a name, the one reader MONAI would try first for that file suffix is the only one tried. PIL images
+    come as grey levels or RGB (``plain_pil_mode``); ``eight_bit_ceiling`` refuses high-bit images that an 8-bit
+    fixed range would clip (``check_bit_depth``).
     """
 
     def __init__(
@@ -105,9 +134,14 @@ class StrictImageLoader:
         data_root: str | None = None,
         allow_constant: bool = False,
         reader_args: dict | None = None,
+        eight_bit_ceiling: float | None = None,
     ):
         # reader_args go to the named reader's constructor, e.g. PILReader's reverse_indexing
-        self.loader = LoadImage(reader=reader, image_only=True, **(reader_args or {}))
+        reader_args = dict(reader_args or {})
+        if reader == "PILReader":
+            reader_args.setdefault("converter", plain_pil_mode)
+        self.loader = LoadImage(reader=reader, image_only=True, **reader_args)
+        self.eight_bit_ceiling = eight_bit_ceiling
         self.reader_name = reader
         self.reader = self.loader.readers[-1] if reader else None
         self.data_root = data_root
@@ -129,6 +163,7 @@ class StrictImageLoader:
         except Exception as error:
             raise BadInputError(f"{path}: cannot be read with {type(reader).__name__}: {error}") from error
         check_array(image, path, self.allow_constant)
+        check_bit_depth(image, path, self.eight_bit_ceiling)
         return image
 
 

@@ -118,7 +118,15 @@ def _intensity(spec: dict):
 
 
 def _loader(spec: dict, data_root: str | None):
-    return StrictLoadImaged("image", reader=spec["reader"], reader_args=spec["reader_args"], data_root=data_root)
+    intensity = spec["intensity"]
+    eight_bit = spec["kind"] == "image" and intensity["mode"] == "range" and float(intensity["a_max"]) <= 255
+    return StrictLoadImaged(
+        "image",
+        reader=spec["reader"],
+        reader_args=spec["reader_args"],
+        data_root=data_root,
+        eight_bit_ceiling=float(intensity["a_max"]) if eight_bit else None,
+    )
 
 
 def _size(image_size) -> list[int]:

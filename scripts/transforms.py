@@ -211,10 +211,11 @@ class StrictLoadImaged(MapTransform):
         reader_args: dict | None = None,
         data_root: str | None = None,
         allow_constant: bool = False,
+        eight_bit_ceiling: float | None = None,
         allow_missing_keys=False,
     ):
         super().__init__(keys, allow_missing_keys)
-        self.loader = StrictImageLoader(reader, data_root, allow_constant, reader_args)
+        self.loader = StrictImageLoader(reader, data_root, allow_constant, reader_args, eight_bit_ceiling)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)

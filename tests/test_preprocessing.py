@@ -1,4 +1,7 @@
-"""Input preprocessing that a model file describes: the global and the local (CLAHE) histogram equalisation modes."""
+"""Input preprocessing that a model file describes: how PIL images of every pixel format are read, and the global and
+the local (CLAHE) histogram equalisation modes."""
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,8 +9,9 @@ import torch
 from monai.transforms import Compose
 from PIL import Image as PILImage
 from scipy.ndimage import uniform_filter
-from scripts.datalists import with_grid_phases
+from scripts.datalists import list_inputs, with_grid_phases
 from scripts.encoders import STRIDE
+from scripts.inputs import BadInputError
 from scripts.preprocessing import input_transforms, item_transforms, resolve_spec
 from scripts.transforms import GridShiftd, LocalHistogramEqualised
 
@@ -27,6 +31,64 @@ def _film(path, exposure_gamma: float):
 
 def _prepared(spec, path):
     return Compose(item_transforms(spec, 64, 1))({"image": path})["image"]
+
+
+def _pixel_formats(folder):
+    """One grey ramp saved in the PNG and JPEG pixel formats PILReader would otherwise hand over raw."""
+    ramp = np.tile(np.arange(0, 253, 4, dtype=np.uint8), (64, 1))
+    opaque = np.full_like(ramp, 255)
+    images = {
+        "grey.png": PILImage.fromarray(ramp),
+        "palette.png": PILImage.fromarray(ramp).convert("P"),
+        "grey_alpha.png": PILImage.fromarray(np.dstack([ramp, opaque]), "LA"),
+        "rgba.png": PILImage.fromarray(np.dstack([ramp, ramp, ramp, opaque // 2]), "RGBA"),
+        "cmyk.jpg": PILImage.fromarray(np.dstack([ramp] * 3)).convert("CMYK"),
+    }
+    for name, image in images.items():
+        image.save(folder / name, quality=100)
+    return {name: str(folder / name) for name in images}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_pil_pixel_format_reads_as_the_grey_levels_it_shows(tmp_path, channels):
+    prepare = Compose(item_transforms(RANGE_SPEC, 64, channels))
+    prepared = {name: prepare({"image": path})["image"] for name, path in _pixel_formats(tmp_path).items()}
+    reference = prepared.pop("grey.png")
+    assert reference.shape == (channels, 64, 64)
+    for name, image in prepared.items():  # palette indices, alpha and CMYK ink would each read as other values
+        assert image.shape == reference.shape, name
+        assert torch.allclose(image, reference, atol=2 / 255), (name, float((image - reference).abs().max()))
+
+
+def test_inference_takes_images_with_an_alpha_channel_as_evaluation_does(tmp_path):
+    paths = _pixel_formats(tmp_path)
+    for name in ("grey_alpha.png", "rgba.png", "palette.png"):
+        evaluated = Compose(item_transforms(RANGE_SPEC, 64, 1))({"image": paths[name]})["image"]
+        inferred = input_transforms(RANGE_SPEC, 64, 1)({"image": paths[name]})["image"]
+        assert torch.equal(torch.as_tensor(inferred), torch.as_tensor(evaluated)), name
+
+
+def test_a_16_bit_image_is_refused_by_an_8_bit_fixed_range_and_read_by_percentiles(tmp_path):
+    ramp = np.tile(np.arange(0, 64 * 1000, 1000, dtype=np.uint16), (64, 1))
+    PILImage.fromarray(ramp).save(tmp_path / "deep.png")
+    with pytest.raises(Exception) as refused:
+        _prepared(RANGE_SPEC, str(tmp_path / "deep.png"))
+    error = refused.value if isinstance(refused.value, BadInputError) else refused.value.__cause__
+    assert isinstance(error, BadInputError) and "clip it to white" in str(error) and "percentiles" in str(error)
+    spec = {"kind": "image", "intensity": {"mode": "percentiles", "lower": 0.5, "upper": 99.5}}
+    image = _prepared(spec, str(tmp_path / "deep.png"))
+    assert 0.45 < float(image.mean()) < 0.55  # the ramp, spread over [0, 1], not clipped
+
+
+def test_inference_lists_image_files_in_either_letter_case_and_names_the_files_it_leaves_out(tmp_path, caplog):
+    for name in ("a.png", "B.PNG", "c.JPG", "d.Jpeg", "e.tif", "notes.txt"):
+        (tmp_path / name).write_bytes(b"x")
+    patterns = ["*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff"]  # inference.json's 2D default
+    with caplog.at_level("WARNING"):
+        listed = [Path(item["image"]).name for item in list_inputs(str(tmp_path), patterns)]
+    assert listed == ["B.PNG", "a.png", "c.JPG", "d.Jpeg", "e.tif"]
+    assert "1 file(s)" in caplog.text and "notes.txt" in caplog.text
+    assert [Path(i["image"]).name for i in list_inputs(str(tmp_path), "[ab].*")] == ["a.png"]  # a class stays as typed
 
 
 def test_histogram_mode_is_stored_with_its_bin_count():
