@@ -356,8 +356,13 @@ class AnomalyEvaluator(SupervisedEvaluator):
     def __init__(
         self, *args, image_key: str = "image", label_key: str = "label", features_key: str = "features", **kwargs
     ):
-        kwargs["amp"] = flag(kwargs.get("amp", False), "amp")
-        super().__init__(*args, **kwargs)
+        if flag(kwargs.pop("amp", False), "amp"):
+            raise ValueError(
+                "AnomalyEvaluator scores in float32: MONAI Deploy and MONAI Label call the inferer directly, in "
+                "float32, so validation (which calibrates the scorer), evaluation and inference do too, and every "
+                "path scores the same; mixed precision is for training only (train_amp)."
+            )
+        super().__init__(*args, amp=False, **kwargs)
         if not isinstance(self.inferer, AnomalyInferer):
             raise TypeError(f"AnomalyEvaluator needs an AnomalyInferer, got {type(self.inferer).__name__}.")
         self.image_key = image_key
@@ -368,7 +373,7 @@ class AnomalyEvaluator(SupervisedEvaluator):
         images, features = _batch_tensors(engine, batchdata, self.image_key, self.features_key)
         # a network already in eval mode (inference) skips eval_mode's two walks over every module, ~7 ms an image
         mode = engine.mode(engine.network) if engine.network.training else contextlib.nullcontext()
-        with mode, torch.no_grad(), torch.autocast(images.device.type, enabled=engine.amp):
+        with mode, torch.no_grad():
             output = engine.inferer.score(images, engine.network, features)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         image = output["image"] = batchdata[self.image_key]

@@ -131,3 +131,25 @@ def test_command_line_booleans_mean_what_they_say(tmp_path):
 
     assert FeatureCacheDataset(items, Compose([]), encoder=network.encoder, cache_features="false").encoder is None
     assert FeatureCacheDataset(items, Compose([]), encoder=network.encoder, cache_features=True).encoder is not None
+
+
+def test_scoring_runs_in_float32_on_every_path_whatever_amp_says(bundle_root):
+    """MONAI Deploy and MONAI Label call the inferer directly, in float32; validation calibrates the scorer, so it
+    (and evaluation, and the bundle's inference) must score in float32 too, even on CUDA where ``amp`` is on."""
+    from scripts.engines import AnomalyEvaluator, AnomalyInferer
+    from scripts.options import config_parser
+
+    network = AEFlow(encoder_weights="none", image_size=SIZE, flow_blocks=1)
+    with pytest.raises(ValueError, match="mixed precision is for training only"):
+        AnomalyEvaluator(
+            device=torch.device("cpu"), val_data_loader=_batches(), network=network, inferer=AnomalyInferer(), amp=True
+        )
+    evaluator = AnomalyEvaluator(
+        device=torch.device("cpu"), val_data_loader=_batches(), network=network, inferer=AnomalyInferer()
+    )
+    assert evaluator.amp is False
+    configs = {"train.json": "validate#evaluator", "inference.json": "evaluator"}
+    for name, evaluator_id in configs.items():
+        parser = config_parser([str(bundle_root / "configs" / name)], {"amp": True})
+        assert "amp" not in parser.get(evaluator_id), name  # the trainer's train_amp follows amp; scoring does not
+    assert config_parser([str(bundle_root / "configs" / "train.json")], {"amp": True}).get_parsed_content("train_amp")
