@@ -34,6 +34,10 @@ FORMAT_VERSION = 1
 EXTRA_STATE_KEY = "_extra_state"
 # how the encoder got its weights before the file's own were loaded: not a property of the trained model
 NOT_COMPARED = ("encoder_weights",)
+# settings that live in the stored input_spec, by their config key
+INPUT_SPEC_SETTINGS = {"image_intensity": "intensity", "slice_axis": "slice_axis"}
+# settings validation may change at calibration: compared with what the model scores with (``calibrated_mismatch``)
+CALIBRATED_SETTINGS = ("beta", "score_reduction")
 
 
 class ModelMismatchError(ValueError):
@@ -68,19 +72,29 @@ def decode(state) -> dict:
 
 
 def comparable(key: str, value):
-    """The form a setting is stored in: ``image_size`` 256 is [256, 256], an ``input_spec`` has its defaults."""
-    from .preprocessing import resolve_spec
+    """The form a setting is stored in: ``image_size`` 256 is [256, 256], an ``input_spec`` and an intensity have
+    their defaults."""
+    from .preprocessing import INTENSITY_DEFAULTS, resolve_spec
 
     if key == "image_size" and isinstance(value, (int, float)):
         value = [int(value)] * 2
     elif key == "input_spec" and isinstance(value, Mapping):
         value = resolve_spec(value)
+    elif key == "image_intensity" and isinstance(value, Mapping):
+        value = {**INTENSITY_DEFAULTS.get(value.get("mode"), {}), **value}
     return json.loads(json.dumps(value))  # tuples and lists, ints and floats compare as JSON does
+
+
+def stored_settings(saved: Mapping) -> dict:
+    """A description's settings by config key: the network's, its ``input_spec`` and the settings inside that."""
+    spec = saved.get("input_spec") or {}
+    inside = {key: spec[name] for key, name in INPUT_SPEC_SETTINGS.items() if name in spec}
+    return {**saved.get("network", {}), **inside, "input_spec": saved.get("input_spec")}
 
 
 def differences(saved: Mapping, wanted: Mapping, accepted=()) -> list[str]:
     """``key: file X, asked Y`` for each setting in ``wanted`` (a ``None`` means "whatever the file says")."""
-    found = {**saved.get("network", {}), "input_spec": saved.get("input_spec")}
+    found = stored_settings(saved)
     return [
         f"{key}: the model file has {found.get(key)!r}, this run asks for {value!r}"
         for key, value in wanted.items()
@@ -165,26 +179,79 @@ def network_from_file(
     ``skip_unweighted_terms`` lets every AE-FLOW network inside it (an ensemble's members too) leave out a score
     term of weight zero (``AEFlow.score``): the same scores, less work, for inference.
     """
-    from .baselines import method_class
     from .checkpoints import load_network
     from .encoders import use_encoder_runtime
 
     description = read_description(path)
-    network_class = method_class(description.get("method", DEFAULT_METHOD))
-    # a setting this file's method does not have (an AE-FLOW key, asked of a PatchCore file) is not compared
-    known = {*inspect.signature(network_class).parameters, *description["network"], "input_spec"}
-    mismatch = differences(description, {k: v for k, v in dict(expect or {}).items() if k in known})
-    if mismatch:
-        raise ModelMismatchError(
-            f"{path} does not fit this run: " + "; ".join(mismatch) + ". Leave these settings out to use the "
-            "model's own (evaluation and inference take them from the model file), or retrain."
-        )
+    wanted = {key: value for key, value in dict(expect or {}).items() if value is not None}
+    mismatch = []
+    for part, settings in _settings_owners(description, wanted):
+        asked = {key: wanted[key] for key in settings if key not in CALIBRATED_SETTINGS}
+        mismatch += [f"{part}{line}" for line in differences(description_of(description, part), asked)]
+    _refuse(path, mismatch)
     network = network_of_description(description)
     use_encoder_runtime(network, encoder_runtime)
     for module in network.modules():
         if hasattr(module, "skip_unweighted_terms"):
             module.skip_unweighted_terms = flag(skip_unweighted_terms, "skip_unweighted_terms")
-    return load_network(network, path, map_location=map_location)
+    network = load_network(network, path, map_location=map_location)
+    _refuse(path, calibrated_mismatch(network, description, wanted))
+    return network
+
+
+def _refuse(path, mismatch: list[str]) -> None:
+    if mismatch:
+        raise ModelMismatchError(
+            f"{path} does not fit this run: " + "; ".join(mismatch) + ". Leave these settings out to use the "
+            "model's own (evaluation and inference take them from the model file), or retrain."
+        )
+
+
+def description_of(description: Mapping, part: str) -> Mapping:
+    """The description of ``part``: ``""`` the file's own, ``"member i: "`` an ensemble's member i."""
+    return description["network"]["members"][int(part.split()[1].rstrip(":"))] if part else description
+
+
+def _settings_owners(description: Mapping, wanted: Mapping) -> list[tuple[str, list[str]]]:
+    """Which part of the file each asked setting is compared with: the file's own method when it has the setting;
+    otherwise every member of an ensemble that has it (an ``--encoder`` asked of a Lite0 + Lite2 ensemble names
+    one member's encoder, not the file's). A setting no part has (an AE-FLOW key asked of a PatchCore file) is not
+    compared."""
+    from .baselines import method_class
+
+    own = {*inspect.signature(method_class(description.get("method", DEFAULT_METHOD))).parameters}
+    own |= {*stored_settings(description)}
+    members = description["network"].get("members", [])
+    owners = [("", [key for key in wanted if key in own])]
+    for index, member in enumerate(members):
+        keys = [key for key in wanted if key not in own and key in stored_settings(member)]
+        owners.append((f"member {index}: ", keys))
+    return owners
+
+
+def calibrated_mismatch(network, description: Mapping, wanted: Mapping) -> list[str]:
+    """``beta`` and ``score_reduction`` asked of a model, compared with what it scores with: validation chooses
+    both when the file says ``beta_selection``/``score_reduction`` ``validation``, so the stored setting (what was
+    configured) is not what the model applies. ``score_reduction: validation`` asks for a model that chose."""
+    from .scores import AnomalyScorer
+
+    mismatch = []
+    for part, settings in _settings_owners(description, wanted):
+        owner = network.members[int(part.split()[1].rstrip(":"))] if part else network
+        scorer = getattr(owner, "scorer", None)
+        if not isinstance(scorer, AnomalyScorer):
+            continue
+        if "beta" in settings and abs(float(wanted["beta"]) - scorer.beta) > 1e-6:
+            mismatch.append(f"{part}beta: the model scores with {scorer.beta:g}, this run asks for {wanted['beta']!r}")
+        asked = wanted.get("score_reduction")
+        chose = asked == "validation" and scorer.reduction_selection == "validation"
+        if "score_reduction" in settings and asked != scorer.reduction and not chose:
+            mismatch.append(
+                f"{part}score_reduction: the model scores with {scorer.reduction!r}"
+                f"{' (chosen on validation)' if scorer.reduction_selection == 'validation' else ''}, "
+                f"this run asks for {asked!r}"
+            )
+    return mismatch
 
 
 def _parse_overrides(pairs: list[str]) -> dict:

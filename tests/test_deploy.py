@@ -330,6 +330,15 @@ def test_a_setting_that_contradicts_the_model_file_is_refused_naming_both_values
     messages = _raised_messages(_infer, small_bundle, volume.parent, tmp_path / "out", image_size=128, subnet="cnn2")
     assert any("image_size: the model file has [64, 64], this run asks for 128" in m for m in messages), messages
     assert any("subnet: the model file has 'resnet', this run asks for 'cnn2'" in m for m in messages), messages
+    # settings stored in the input_spec, and those beside the architecture, are compared as well
+    overrides = {
+        "feature_norm": "layernorm",
+        "slice_axis": 0,
+        "image_intensity": {"mode": "range", "a_min": 0, "a_max": 1},
+    }
+    messages = _raised_messages(_infer, small_bundle, volume.parent, tmp_path / "out", **overrides)
+    for line in ("feature_norm: the model file has 'none'", "slice_axis: the model file has 2", "image_intensity: the"):
+        assert any(line in m for m in messages), (line, messages)
     _infer(small_bundle, volume.parent, tmp_path / "agreeing", image_size=64, flow_blocks=2)  # agreeing is fine
 
 

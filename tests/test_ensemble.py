@@ -104,6 +104,30 @@ def test_inference_scores_what_evaluation_scored(assembled, bundle_root, tiny_da
         assert inferred[name] == pytest.approx(value, abs=tolerance, rel=1e-6), name
 
 
+def test_a_run_that_contradicts_a_member_or_the_calibration_is_refused_naming_the_part(assembled):
+    """Settings an ensemble's own class does not have (the encoder, the subnet) are its members': asked of the file,
+    each member is compared; beta and the reduction are compared with what validation chose, not what was
+    configured."""
+    work, members, _ = assembled
+    model_file = work / "ensemble" / "models" / "model.pt"
+    member = network_from_file(members[0])
+    with pytest.raises(ModelMismatchError, match=r"member 0: subnet: the model file has 'resnet'.*member 1: subnet"):
+        network_from_file(model_file, expect={"subnet": "cnn2"})
+    with pytest.raises(ModelMismatchError, match="member 1: encoder: the model file has 'efficientnet-lite0'"):
+        network_from_file(model_file, expect={"encoder": "efficientnet-lite1", "feature_norm": None})
+    network_from_file(model_file, expect={"encoder": "efficientnet-lite0", "subnet": "resnet", "beta": 1.0})
+    chosen, configured = member.scorer.beta, read_description(members[0])["network"]["beta"]
+    network_from_file(members[0], expect={"beta": chosen, "score_reduction": member.scorer.reduction})
+    wrong = 0.5 if chosen != 0.5 else 0.25
+    with pytest.raises(ModelMismatchError, match=f"beta: the model scores with {chosen:g}, this run asks for {wrong}"):
+        network_from_file(members[0], expect={"beta": wrong})
+    if configured != chosen:  # validation moved beta: the configured value is not what the model applies
+        with pytest.raises(ModelMismatchError, match="beta: the model scores with"):
+            network_from_file(members[0], expect={"beta": configured})
+    with pytest.raises(ModelMismatchError, match="member 0: score_reduction: the model scores with"):
+        network_from_file(model_file, expect={"score_reduction": "max" if member.scorer.reduction != "max" else "mean"})
+
+
 def _description(**settings) -> dict:
     return decode(AEFlow(encoder_weights="none", flow_blocks=2, **settings).get_extra_state())
 
