@@ -24,7 +24,7 @@ from monai.inferers import Inferer
 from monai.utils import convert_to_tensor
 
 from .distributed import unwrapped
-from .options import flag
+from .options import flag, optional_positive
 from .preprocessing import scored_slices
 
 logger = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ class AEFlowTrainer(SupervisedTrainer):
         super().__init__(*args, **kwargs)
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"Unknown nonfinite policy {nonfinite!r}; allowed: {', '.join(NONFINITE_POLICIES)}.")
-        self.grad_clip_norm = grad_clip_norm
+        self.grad_clip_norm = optional_positive(grad_clip_norm, "grad_clip_norm")
         self.nonfinite = nonfinite
         self.image_key = image_key
         self.features_key = features_key

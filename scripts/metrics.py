@@ -120,8 +120,17 @@ def anomaly_metrics(labels, scores, threshold: float | None = None) -> dict:
 
 
 def validation_protocol(labels, scores, n_folds: int = 5, validation_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Appendix A: threshold from a stratified validation part, metrics on the rest; mean and std over folds."""
+    """Appendix A: threshold from a stratified validation part, metrics on the rest; mean and std over folds.
+
+    Skipped (with the reason in the result and the log) when a class has too few items for every validation part
+    to hold one of each: a threshold chosen on a part without abnormal items is no threshold."""
     labels, scores = _as_arrays(labels, scores)
+    needed = math.ceil(1 / validation_fraction)
+    counts = {"normal": int((labels == 0).sum()), "abnormal": int((labels == 1).sum())}
+    if min(counts.values()) < needed:
+        reason = f"needs at least {needed} normal and {needed} abnormal items, got {counts}"
+        logger.warning("The %d-fold validation protocol is skipped: it %s.", n_folds, reason)
+        return {"skipped": reason, "folds": [], "summary": {}, "validation_fraction": validation_fraction, "seed": seed}
     splitter = StratifiedShuffleSplit(n_splits=n_folds, test_size=1 - validation_fraction, random_state=seed)
     folds = []
     for val_idx, test_idx in splitter.split(scores.reshape(-1, 1), labels):

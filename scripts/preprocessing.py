@@ -40,10 +40,16 @@ from monai.transforms import (
     Orientationd,
     Resized,
     ScaleIntensityRanged,
-    ScaleIntensityRangePercentilesd,
 )
 
-from .transforms import CachedVolumed, EnsureChannelsd, LocalHistogramEqualised, SelectSliced, StrictLoadImaged
+from .transforms import (
+    CachedVolumed,
+    EnsureChannelsd,
+    LocalHistogramEqualised,
+    PercentileScaled,
+    SelectSliced,
+    StrictLoadImaged,
+)
 
 KINDS = ("volume", "image")
 INTENSITY_MODES = ("percentiles", "range", "histogram", "clahe")
@@ -109,7 +115,7 @@ def scored_slices(spec: dict, depth: int) -> range:
 def _intensity(spec: dict):
     settings = {k: v for k, v in spec["intensity"].items() if k != "mode"}
     if spec["intensity"]["mode"] == "percentiles":
-        return ScaleIntensityRangePercentilesd("image", b_min=0.0, b_max=1.0, clip=True, **settings)
+        return PercentileScaled("image", b_min=0.0, b_max=1.0, clip=True, **settings)
     if spec["intensity"]["mode"] == "histogram":
         return HistogramNormalized("image", min=0.0, max=1.0, **settings)
     if spec["intensity"]["mode"] == "clahe":

@@ -16,12 +16,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.config import KeysCollection
-from monai.transforms import MapTransform
+from monai.transforms import MapTransform, ScaleIntensityRangePercentilesd
 from monai.transforms.utils import rescale_array
 from monai.utils import convert_to_dst_type, convert_to_numpy
 from skimage.exposure import equalize_adapthist
 
-from .inputs import StrictImageLoader
+from .inputs import BadInputError, StrictImageLoader
 
 
 class LocalHistogramEqualised(MapTransform):
@@ -68,6 +68,22 @@ class LocalHistogramEqualised(MapTransform):
             equalised = equalised[None] if grey else np.moveaxis(equalised, -1, 0)
             d[key] = convert_to_dst_type(np.ascontiguousarray(equalised), image, dtype=torch.float32)[0]
         return d
+
+
+class PercentileScaled(ScaleIntensityRangePercentilesd):
+    """MONAI's percentile scaling, refusing an input whose two percentiles coincide (a volume under 0.5 % of whose
+    voxels are not background): MONAI then warns and passes the raw intensities on, unscaled and unclipped."""
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        for key in self.key_iterator(dict(data)):
+            low, high = np.percentile(convert_to_numpy(data[key]), [self.scaler.lower, self.scaler.upper])
+            if low == high:
+                source = (getattr(data[key], "meta", None) or {}).get("filename_or_obj", "the input image")
+                raise BadInputError(
+                    f"{source}: its {self.scaler.lower:g} and {self.scaler.upper:g} percentiles are both "
+                    f"{low:g} (almost every voxel is background), so percentile scaling cannot spread it over [0, 1]"
+                )
+        return super().__call__(data)
 
 
 class SelectSliced(MapTransform):

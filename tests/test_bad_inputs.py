@@ -79,3 +79,29 @@ def _chain(error: BaseException):
     while error is not None:
         yield error
         error = error.__cause__ or error.__context__
+
+
+def test_an_almost_blank_volume_is_refused_not_passed_on_unscaled(tmp_path):
+    """Under 0.5 % non-background voxels: both percentiles are 0, and MONAI would pass raw intensities (57-394)
+    to a network trained on [0, 1]."""
+    import nibabel as nib
+    import numpy as np
+    from monai.transforms import Compose
+    from scripts.inputs import BadInputError
+    from scripts.preprocessing import item_transforms
+
+    volume = np.zeros((64, 64, 32), np.float32)
+    volume[30:33, 30:33, 10:20] = np.linspace(57, 394, 90).reshape(3, 3, 10)
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "sparse.nii.gz")
+    prepare = Compose(item_transforms({"kind": "volume"}, 32, 1))
+    with pytest.raises(Exception) as refused:
+        prepare({"image": str(tmp_path / "sparse.nii.gz"), "slice": 16})
+    error = refused.value
+    while not isinstance(error, BadInputError) and error.__cause__ is not None:
+        error = error.__cause__
+    assert isinstance(error, BadInputError), refused.value
+    assert str(error).startswith(str(tmp_path / "sparse.nii.gz")) and "percentiles are both 0" in str(error)
+    volume[16:48, 16:48, 8:24] = 100.0  # a volume with an object is scaled into [0, 1] as before
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), tmp_path / "object.nii.gz")
+    image = prepare({"image": str(tmp_path / "object.nii.gz"), "slice": 16})["image"]
+    assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0

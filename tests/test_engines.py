@@ -125,6 +125,17 @@ def test_command_line_booleans_mean_what_they_say(tmp_path):
             loss_function=AEFlowLoss(),
             amp="bf16",
         )
+    for wrong in (-1.0, 0, "nan", "strong"):  # a negative norm would reverse the gradient, not bound it
+        with pytest.raises(ValueError, match="grad_clip_norm must be a number above 0, or null"):
+            AEFlowTrainer(
+                device=torch.device("cpu"),
+                max_epochs=1,
+                train_data_loader=_batches(),
+                network=network,
+                optimizer=torch.optim.Adam(network.trainable_parameters()),
+                loss_function=AEFlowLoss(),
+                grad_clip_norm=wrong,
+            )
     assert AnomalyOutputWriter(str(tmp_path), network, nifti_for_2d="false").nifti_for_2d is False
     items = [{"image": torch.rand(1, SIZE, SIZE)}]
     from monai.transforms import Compose
