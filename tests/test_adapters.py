@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
+import shutil
+import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -15,15 +18,22 @@ import numpy as np
 import pytest
 from conftest import BUNDLE_ROOT
 from PIL import Image
-from scripts.adapters import brats2021, image_folder, isic2018, main, medmnist, read_ras
+from scripts.adapters import brats2021, image_folder, isic2018, main, medmnist, read_ras, stratified_holdout
 from scripts.adapters.brats import MODALITIES
 
 SHARED_DATA = BUNDLE_ROOT.parent / "shared" / "data"
 
 
 def _png(path: Path, size=(16, 12), mode="L", value=100) -> Path:
+    """A small image (format from the suffix) whose first row is noise seeded by its path: no two files are
+    byte-identical unless a test copies one, since the adapters keep byte-identical files in one split."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new(mode, size, value if mode == "L" else (value,) * 3).save(path)
+    image = Image.new(mode, size, value if mode == "L" else (value,) * 3 if isinstance(value, int) else value)
+    rng = np.random.default_rng(zlib.crc32(str(path).encode()))
+    for x in range(size[0]):
+        noise = int(rng.integers(0, 256))
+        image.putpixel((x, 0), noise if mode == "L" else (noise,) * 3)
+    image.save(path)
     return path
 
 
@@ -79,6 +89,125 @@ def test_image_folder_bad_class_names_are_named(folder_root):
         image_folder(str(folder_root), ["NORMAL"])
 
 
+def _pool(root: Path, n_normal: int, n_abnormal: int) -> Path:
+    """``train/NORMAL`` (3 images) and a ``test`` split of distinct images to carve validation from."""
+    for i in range(3):
+        _png(root / "train" / "NORMAL" / f"t{i}.png")
+    for i in range(n_normal):
+        _png(root / "test" / "NORMAL" / f"n{i}.png")
+    for i in range(n_abnormal):
+        _png(root / "test" / "SICK" / f"s{i}.png")
+    return root
+
+
+def test_image_folder_ignores_hidden_folders(folder_root):
+    plain = image_folder(str(folder_root), ["NORMAL"], seed=1)
+    checkpoints = folder_root / "test" / ".ipynb_checkpoints"
+    shutil.copyfile(folder_root / "test" / "NORMAL" / "n0.png", _png(checkpoints / "n0-checkpoint.png"))
+    (folder_root / "test" / ".empty").mkdir()
+    (folder_root / "train" / ".ipynb_checkpoints").mkdir()
+    result = image_folder(str(folder_root), ["NORMAL"], seed=1)
+    assert result.datalist == plain.datalist and result.skipped == plain.skipped
+
+
+def test_image_folder_without_duplicates_keeps_todays_split(tmp_path):
+    """The item-level carve of every earlier datalist: pinned, so that a data set without duplicates never moves."""
+    result = image_folder(str(_pool(tmp_path, 10, 10)), ["NORMAL"], validation_fraction=0.3, seed=7)
+    assert _images(result.datalist["validation"]) == {"n1.png", "n3.png", "n8.png", "s1.png", "s2.png", "s4.png"}
+    pool = sorted(result.datalist["validation"] + result.datalist["test"], key=lambda item: item["image"])
+    validation, test = stratified_holdout(pool, 0.3, 7)  # listed as the adapter lists them: by class folder and name
+    assert (validation, test) == (result.datalist["validation"], result.datalist["test"])
+    assert not any("duplicate" in line for line in result.notes + result.warnings)
+
+
+def test_image_folder_keeps_byte_identical_files_in_one_split(tmp_path):
+    """Each copy follows the split of the first-listed file of its group; every other item stays where it was."""
+    root = _pool(tmp_path, 8, 8)
+    originals = [f"n{i}.png" for i in range(4)] + [f"s{i}.png" for i in range(4)]
+    for name in originals:
+        folder = root / "test" / ("NORMAL" if name[0] == "n" else "SICK")
+        shutil.copyfile(folder / name, folder / name.replace(".png", "_copy.png"))
+    shutil.copyfile(root / "test" / "SICK" / "s0.png", root / "test" / "SICK" / "s0_second_copy.png")
+    shutil.copyfile(root / "test" / "NORMAL" / "n7.png", root / "train" / "NORMAL" / "n7_in_training.png")
+    pool = image_folder(str(root), ["NORMAL"], validation_fraction=0.5, seed=0)
+    pool = pool.datalist["validation"] + pool.datalist["test"]
+    item_level = _images(stratified_holdout(sorted(pool, key=lambda i: (i["class"], i["image"])), 0.5, 0)[0])
+    copies = {name: original for original in originals for name in _images(pool) if name.startswith(original[:-4])}
+    assert any((name in item_level) != (original in item_level) for name, original in copies.items())  # it split one
+
+    result = image_folder(str(root), ["NORMAL"], validation_fraction=0.5, seed=0)
+    validation = _images(result.datalist["validation"])
+    assert validation == {name for name in _images(pool) if copies.get(name, name) in item_level}
+    assert "n7.png" in _images(result.datalist["validation"] + result.datalist["test"])  # not moved out of test
+    moved = sum(
+        (name in item_level) != (original in item_level) for name, original in copies.items() if name != original
+    )
+    assert f"duplicates 17 byte-identical file(s) in 8 group(s) kept in one split ({moved} moved" in result.summary()
+    assert "1 file(s) byte-identical to a file of an earlier split" in result.summary()
+    assert "1 in test duplicate training" in result.summary()
+
+
+def test_image_folder_group_pattern_carves_patients_together(tmp_path):
+    for patient in range(6):
+        for view in range(3):
+            _png(tmp_path / "test" / "NORMAL" / f"p{patient}_{view}.png")
+        for view in range(2):
+            _png(tmp_path / "test" / "SICK" / f"q{patient}-{view}.png")
+    _png(tmp_path / "train" / "NORMAL" / "t0.png")
+    shutil.copyfile(tmp_path / "test" / "NORMAL" / "p0_0.png", tmp_path / "test" / "NORMAL" / "p1_9.png")
+    output = tmp_path / "datalist.json"
+    main(
+        ["image-folder", "--root", str(tmp_path), "--normal", "NORMAL", "--output", str(output)]
+        + ["--group-pattern", r"^([pq]\d+)[-_]", "--validation-fraction", "0.34"]
+    )
+    datalist = json.loads(output.read_text())
+    patients = {
+        split: {re.match(r"[pq]\d+", Path(i["image"]).name)[0] for i in datalist[split]}
+        for split in ("validation", "test")
+    }
+    assert not patients["validation"] & patients["test"]
+    assert len(patients["validation"] | patients["test"]) == 12
+    assert ("p0" in patients["validation"]) == ("p1" in patients["validation"])  # joined by a byte-identical file
+    assert sum(p.startswith("q") for p in patients["validation"]) == 2  # round(6 x 0.34) abnormal patients
+
+    result = image_folder(str(tmp_path), ["NORMAL"], validation_fraction=0.34, group_pattern=r"^([pq]\d+)[-_]")
+    assert "groups     validation 4  test 7  (by --group-pattern" in result.summary()  # p0 and p1: one unit
+    _png(tmp_path / "test" / "SICK" / "p2_7.png")
+    with pytest.raises(ValueError, match=r"--group-pattern .*: Group 'p2' holds normal and abnormal items: .*p2_7"):
+        image_folder(str(tmp_path), ["NORMAL"], group_pattern=r"^([pq]\d+)[-_]")
+    with pytest.raises(ValueError, match=r"--group-pattern '\^\(q\\\\d\+\)_' finds no group in 32 file name\(s\)"):
+        image_folder(str(tmp_path), ["NORMAL"], group_pattern=r"^(q\d+)_")
+
+
+def test_image_folder_refuses_a_test_split_of_one_class(folder_root):
+    shutil.rmtree(folder_root / "test" / "SICK")
+    with pytest.raises(
+        ValueError, match=r"test split \(.*test\) needs normal and abnormal .* \['NORMAL'\] with normal"
+    ):
+        image_folder(str(folder_root), ["NORMAL"])
+
+
+def test_image_folder_skips_truncated_images(folder_root):
+    rng = np.random.default_rng(0)
+    for name in ("cut.png", "cut.jpg"):
+        path = folder_root / "test" / "NORMAL" / name
+        Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)).save(path)
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # the header survives
+    result = image_folder(str(folder_root), ["NORMAL"])
+    assert not {"cut.png", "cut.jpg"} & _images(result.datalist["validation"] + result.datalist["test"])
+    reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
+    assert reasons["cut.png"].startswith("unreadable image") and reasons["cut.jpg"].startswith("unreadable image")
+
+
+def test_image_folder_validation_of_one_class_falls_back_with_named_abnormal(folder_root):
+    _png(folder_root / "val" / "NORMAL" / "v0.png")
+    result = image_folder(str(folder_root), ["NORMAL"], ["SICK"], validation_fraction=0.2, seed=1)
+    assert result.counts()["validation"] == {"normal": 1, "abnormal": 1}  # carved from test
+    reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
+    assert reasons["v0.png"] == "validation split lacks a class; not used"
+    assert any(re.search(r"validation folder .*val lacks class folder\(s\) \['SICK'\]", w) for w in result.warnings)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "oct_kermany_tiny").is_dir(), reason="shared OCT sample absent")
 def test_oct_kermany_tiny_reports_its_two_image_sizes(tmp_path):
     """The sample holds only ``val/``: train on its NORMAL folder and test on all of it (a smoke test of real files)."""
@@ -112,9 +241,7 @@ def _isic_split(folder: Path, csv_file: Path, classes: dict[str, str], extra_row
     rows = []
     for image_id, name in classes.items():
         rows.append([image_id] + [f"{float(c == name):.1f}" for c in ISIC_HEADER[1:]])
-        img = Image.new("RGB", (12, 9), (200, 120, 90))
-        folder.mkdir(parents=True, exist_ok=True)
-        img.save(folder / f"{image_id}.jpg")
+        _png(folder / f"{image_id}.jpg", size=(12, 9), mode="RGB", value=(200, 120, 90))
     csv_file.parent.mkdir(parents=True, exist_ok=True)
     with open(csv_file, "w", newline="") as f:
         csv.writer(f).writerows([ISIC_HEADER, *rows, *extra_rows])
@@ -157,6 +284,19 @@ def test_isic2018_nv_normal_validation_from_official_validation(isic_root):
     assert any(s["path"].endswith("ISIC_0000500.png") and "has no row" in s["reason"] for s in result.skipped)
     assert any(s["path"].endswith("LICENSE.txt") for s in result.skipped)
     assert result.warnings == []  # one size, one mode
+
+
+def test_isic2018_second_file_of_an_image_id_is_listed(isic_root):
+    from scripts.adapters.isic import official_paths
+
+    _png(isic_root / "ISIC2018_Task3_Validation_Input" / "ISIC_0000100.png")
+    result = isic2018(**official_paths(str(isic_root)))
+    used = [
+        i["image"] for split in ("validation", "test") for i in result.datalist[split] if "ISIC_0000100" in i["image"]
+    ]
+    assert [Path(image).name for image in used] == ["ISIC_0000100.jpg"]
+    reasons = {Path(s["path"]).name: s["reason"] for s in result.skipped}
+    assert re.fullmatch(r"repeats image id ISIC_0000100; .*ISIC_0000100.jpg is used", reasons["ISIC_0000100.png"])
 
 
 def test_isic2018_csv_without_class_columns_is_named(isic_root, tmp_path):

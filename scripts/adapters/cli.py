@@ -22,6 +22,11 @@ def _parser() -> argparse.ArgumentParser:
     folder.add_argument("--root", required=True)
     folder.add_argument("--normal", nargs="+", required=True, help="normal class folder name(s)")
     folder.add_argument("--abnormal", nargs="*", help="abnormal class folder names (default: all others)")
+    folder.add_argument(
+        "--group-pattern",
+        help="regex on file names whose first group (e.g. a patient id) keeps files together when validation is "
+        r"carved from test, e.g. '^(person\d+|(?:NORMAL2-)?IM-\d+)[-_]' for Kermany Chest X-ray",
+    )
 
     isic = sub.add_parser("isic2018", help="ISIC 2018 task 3 images + ground-truth CSVs")
     isic.add_argument("--root", help="unpacked official download (the four ISIC2018_Task3_* folders)")
@@ -55,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.layout == "image-folder":
-        result = image_folder(args.root, args.normal, args.abnormal, args.validation_fraction, args.seed)
+        result = image_folder(
+            args.root, args.normal, args.abnormal, args.validation_fraction, args.seed, group_pattern=args.group_pattern
+        )
     elif args.layout == "isic2018":
         paths = official_paths(args.root) if args.root else {}
         paths.update({key: getattr(args, key) for key in OFFICIAL if getattr(args, key)})

@@ -39,29 +39,37 @@ def image_folder(
     validation_fraction: float = 0.2,
     seed: int = 0,
     check_headers: bool = True,
+    group_pattern: str | None = None,
 ) -> AdapterResult:
-    """``ROOT/<split>/<class>/*`` -> datalist.
+    """``ROOT/<split>/<class>/*`` -> datalist; hidden folders (``.ipynb_checkpoints``) are no class.
 
     Training keeps the normal classes only. Without a ``val`` folder (or when it lacks either class, like the
     16-image Chest X-ray ``val``), a stratified ``validation_fraction`` of the test split becomes the validation
-    split, disjoint from the remaining test items, as in the paper's appendix A. ``check_headers`` opens every
-    image header: unreadable files are skipped, mixed sizes or colour modes are reported as warnings.
+    split, disjoint from the remaining test items, as in the paper's appendix A; byte-identical files stay in one
+    split, and with ``group_pattern`` (a regex whose first group is e.g. the patient id of a file name) so do the
+    files of one group. ``check_headers`` decodes every image: unreadable files are skipped, mixed sizes or colour
+    modes are reported as warnings.
     """
     base = Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"Dataset root {root!r} does not exist.")
     skipped: list[dict] = []
+    warnings: list[str] = []
     datalist: dict[str, list[dict]] = {}
+    folders: dict[str, Path] = {}
     for split in SPLITS:
         folder = _split_folder(base, split)
         if folder is None:
             continue
-        present = sorted(p.name for p in folder.iterdir() if p.is_dir())
+        folders[split] = folder
+        present = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
         wanted = dict.fromkeys(normal_classes, 0)
         if split != "training":
             wanted.update(dict.fromkeys(abnormal_classes or [p for p in present if p not in normal_classes], 1))
         missing = [name for name in wanted if name not in present and not (split == "training" and wanted[name])]
-        if missing:
+        if missing and split == "validation":  # a validation lacking a class is replaced by a carve from test
+            warnings.append(f"validation folder {folder} lacks class folder(s) {missing}")
+        elif missing:
             raise ValueError(f"Class folder(s) {missing} not found in {folder}; present: {present}.")
         for name in present:
             if name not in wanted:
@@ -74,11 +82,17 @@ def image_folder(
         ]
     if "training" not in datalist or "test" not in datalist:
         raise ValueError(f"{root} needs a train (or training) and a test folder; found {sorted(datalist)}.")
-    warnings: list[str] = []
     if check_headers:
         everything = [item for items in datalist.values() for item in items]
-        readable, warnings = check_images(everything, skipped)
+        readable, image_warnings = check_images(everything, skipped)
+        warnings += image_warnings
         kept = {id(item) for item in readable}
         datalist = {split: [i for i in items if id(i) in kept] for split, items in datalist.items()}
-    split_validation(datalist, skipped, validation_fraction, seed)
-    return AdapterResult({split: datalist[split] for split in SPLITS}, skipped, warnings)
+    if len({item["label"] for item in datalist["test"]}) < 2:
+        found = sorted({item["class"] for item in datalist["test"]})
+        raise ValueError(
+            f"The test split ({folders['test']}) needs normal and abnormal images to evaluate; found class(es) "
+            f"{found} with normal class(es) {normal_classes}."
+        )
+    notes, duplicate_warnings = split_validation(datalist, skipped, validation_fraction, seed, group_pattern)
+    return AdapterResult({split: datalist[split] for split in SPLITS}, skipped, warnings + duplicate_warnings, notes)

@@ -2,7 +2,7 @@
 
 NV (nevus) is normal, the six other classes are abnormal (Lu & Xu 2018). Training takes the NV images of the
 official training set; the official validation set (193 images: 123 NV, 70 other) is the paper's test set, and a
-stratified fraction of it becomes our validation split (appendix A).
+stratified fraction of it becomes our validation split (appendix A), byte-identical files kept in one split.
 """
 
 from __future__ import annotations
@@ -11,7 +11,15 @@ import csv
 from collections import Counter
 from pathlib import Path
 
-from .common import IMAGE_SUFFIXES, SPLITS, AdapterResult, check_images, stratified_holdout
+from .common import (
+    IMAGE_SUFFIXES,
+    SPLITS,
+    AdapterResult,
+    carve_validation,
+    check_images,
+    duplicate_warnings,
+    file_digests,
+)
 
 CLASSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 OFFICIAL = {  # folder and file names of the official download, relative to its root
@@ -54,14 +62,19 @@ def _read_ground_truth(csv_file: str, skipped: list[dict]) -> dict[str, str]:
 
 
 def _labelled_items(images: str, csv_file: str, normal_classes, skipped: list[dict]) -> list[dict]:
-    """Match CSV rows with image files; a row without its image and an image without its row are both skipped."""
+    """Match CSV rows with image files; a row without its image and an image without its row are both skipped.
+
+    Two files of one image id (``ISIC_1.jpg``, ``ISIC_1.png``): the first by name is used, the other skipped, as a
+    repeated CSV row is."""
     folder = Path(images)
     if not folder.is_dir():
         raise FileNotFoundError(f"Image folder {images!r} does not exist.")
     classes = _read_ground_truth(csv_file, skipped)
     files = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and path.stem in files:
+            skipped.append({"path": str(path), "reason": f"repeats image id {path.stem}; {files[path.stem]} is used"})
+        elif path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
             files[path.stem] = path
         elif not path.name.startswith("."):
             skipped.append({"path": str(path), "reason": "not an image file"})
@@ -112,5 +125,7 @@ def isic2018(
         training, test = [i for i in training if id(i) in kept], [i for i in test if id(i) in kept]
     if len({item["label"] for item in test}) < 2:
         raise ValueError(f"The test set ({test_csv}) needs normal and abnormal images to evaluate.")
-    validation, test = stratified_holdout(test, validation_fraction, seed)
-    return AdapterResult(dict(zip(SPLITS, (training, validation, test))), skipped, warnings)
+    digests = file_digests(training + test)
+    validation, test, notes = carve_validation(test, validation_fraction, seed, digests)
+    datalist = dict(zip(SPLITS, (training, validation, test)))
+    return AdapterResult(datalist, skipped, warnings + duplicate_warnings(datalist, digests), notes)

@@ -83,5 +83,5 @@ def medmnist(
             )
             skipped.append({"path": f"{npz_file}:train_images", "reason": reason})
         datalist[split] = items
-    split_validation(datalist, skipped, validation_fraction, seed)
-    return AdapterResult({split: datalist[split] for split in SPLITS}, skipped)
+    notes, warnings = split_validation(datalist, skipped, validation_fraction, seed)
+    return AdapterResult({split: datalist[split] for split in SPLITS}, skipped, warnings, notes)
