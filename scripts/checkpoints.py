@@ -4,8 +4,9 @@ with non-finite values, and a full training state saved every epoch so that a ki
 * ``VerifiedCheckpointLoader``: MONAI's ``CheckpointLoader`` that says *which* problem a refused checkpoint has
   (corrupt file, another encoder, another architecture) instead of a list of missing keys.
 * ``FiniteCheckpointSaver``: MONAI's ``CheckpointSaver`` that refuses to write non-finite weights.
-* ``ResumeCheckpoint``: network, optimiser, trainer (epoch, iteration), RNG state and the best-model tracker,
-  written atomically at the end of every epoch; at start the latest one is loaded, when there is one.
+* ``ResumeCheckpoint``: network, optimiser, trainer (epoch, iteration), RNG state, the best-model tracker, the
+  handlers' best-so-far records and the run's settings, written atomically at the end of every epoch; at start the
+  latest one is loaded, when there is one and its settings are this run's.
 
 >>> resume = ResumeCheckpoint("models/resume", {"model": net, "optimizer": opt})  # doctest: +SKIP
 >>> resume.attach(trainer)  # doctest: +SKIP
@@ -28,7 +29,7 @@ from ignite.handlers import Checkpoint, DiskSaver
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
 from .distributed import unwrapped
-from .options import flag
+from .options import NULL_WORDS, flag, optional_count
 
 logger = logging.getLogger(__name__)
 RESUME_PREFIX = "resume"
@@ -163,6 +164,51 @@ class NetworkSignature:
             )
 
 
+EXTENSIBLE_SETTINGS = ("epochs", "early_stop_patience")  # a resumed run may change its budget: that extends it
+
+
+def _same_setting(saved, current) -> bool:
+    """Equal, also as typed on the command line: ``--learning_rate 1e-3``, ``--train_amp false`` or
+    ``--grad_clip_norm null`` as text."""
+    saved, current = (None if isinstance(v, str) and v.strip().lower() in NULL_WORDS else v for v in (saved, current))
+    if saved == current:
+        return True
+    try:
+        return float(saved) == float(current)
+    except (TypeError, ValueError):
+        return str(saved).strip().lower() == str(current).strip().lower()
+
+
+class RunSettings:
+    """The settings a run was started with (``tracking_params``, data, seed), saved in its resume state: resuming
+    with other settings would silently mix two runs (the old optimiser's learning rate, another data set)."""
+
+    def __init__(self, settings: Mapping):
+        # plain values (tuples as lists, paths and devices as text), as weights_only loading reads them back
+        self.settings = json.loads(json.dumps(dict(settings), default=str))
+
+    def state_dict(self) -> dict:
+        return dict(self.settings)
+
+    def differing(self, state: Mapping) -> dict:
+        """``{setting: (saved, current)}`` for the settings other than the budget that differ (text: as shown)."""
+        return {
+            k: tuple(repr(side[k]) if k in side else "unset" for side in (state, self.settings))
+            for k in sorted(state.keys() | self.settings.keys())
+            if k not in EXTENSIBLE_SETTINGS
+            and (k not in state or k not in self.settings or not _same_setting(state[k], self.settings[k]))
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        differing = self.differing(state)
+        if differing:
+            raise CheckpointError(
+                "the checkpoint was saved with "
+                + "; ".join(f"{k} {saved} but this run uses {now}" for k, (saved, now) in differing.items())
+                + f" ({' and '.join(EXTENSIBLE_SETTINGS)} may differ: that extends the run)"
+            )
+
+
 class RNGState:
     """Python, NumPy and torch (CPU and CUDA) random states, as plain tensors and tuples for ``weights_only``."""
 
@@ -213,7 +259,7 @@ def _check_objects(load_dict: Mapping, checkpoint: Mapping, path) -> None:
     """Every network against its saved weights (and signature), before anything is loaded."""
     single = len(load_dict) == 1 and next(iter(load_dict)) not in checkpoint
     for key, obj in load_dict.items():  # the saved settings first: they give the most precise refusal
-        if isinstance(obj, NetworkSignature) and isinstance(checkpoint.get(key), Mapping):
+        if isinstance(obj, (NetworkSignature, RunSettings)) and isinstance(checkpoint.get(key), Mapping):
             try:
                 obj.load_state_dict(checkpoint[key])
             except CheckpointError as error:
@@ -295,22 +341,62 @@ def latest_resume_checkpoint(save_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _continues_without_state(obj) -> bool:
-    """A constant learning rate: its scheduler's state changes nothing, so a checkpoint without it resumes exactly."""
-    return isinstance(obj, torch.optim.lr_scheduler.ConstantLR) and obj.factor == 1.0
+def _without_state(obj) -> str | None:
+    """How a run resumes from a checkpoint of an older bundle that lacks ``obj``'s state, or None: refused.
+
+    A constant learning rate: its scheduler's state changes nothing, so the run resumes exactly. The settings and the
+    validation handlers' records: the run resumes as older bundles resumed it, unchecked and with those records
+    restarted."""
+    from .handlers import AnomalyMetricsHandler, EarlyStopOnValidation
+
+    if isinstance(obj, torch.optim.lr_scheduler.ConstantLR) and obj.factor == 1.0:
+        return "it trained at a constant rate, which this run continues"
+    if isinstance(obj, RunSettings):
+        return "its run's settings cannot be compared with this run's, make sure they are the same"
+    if isinstance(obj, (AnomalyMetricsHandler, EarlyStopOnValidation)):
+        return "this run's best-so-far validation record (kept metrics, early-stop count) restarts at this epoch"
+    return None
+
+
+def _cosine_budget_change(objects: Mapping, checkpoint: Mapping, budget: int) -> str | None:
+    """Why a cosine schedule cannot resume with another budget (``scripts.engines.lr_scheduler`` anneals to zero
+    over the ``epochs`` the run started with, restored with its state), or None."""
+    scheduler = objects.get("lr_scheduler")
+    saved = checkpoint.get("lr_scheduler")
+    if not isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR) or not isinstance(saved, Mapping):
+        return None
+    if saved.get("T_max") in (None, budget):
+        return None
+    return (
+        f"its cosine learning-rate schedule anneals to zero over the {saved['T_max']} epochs the run started with, "
+        f"and cannot be stretched to epochs {budget}: keep --epochs {saved['T_max']}"
+    )
+
+
+def _patience(value):
+    """``early_stop_patience`` as the handler reads it (null, "null", 0: off), to compare two runs' budgets."""
+    try:
+        return optional_count(value, "early_stop_patience") or 0
+    except ValueError:
+        return value
 
 
 class ResumeCheckpoint:
     """Save the full training state every epoch into ``save_dir``; with ``resume``, load the latest at start.
 
     ``save_dict`` names what to save besides the trainer and the RNG state, which are added here: the network,
-    the optimiser, an LR scheduler, and ``CheckpointSaver`` objects whose best-metric record must survive.
+    the optimiser, an LR scheduler, ``CheckpointSaver`` objects whose best-metric record must survive, and handlers
+    with a best-so-far record (``state_dict``/``load_state_dict``: early stopping, the kept validation metrics), so
+    that a resumed run ends as an uninterrupted one. ``settings`` (the run's ``tracking_params``, data and seed) are
+    saved too: a re-run with other settings than the interrupted run's is refused, naming each difference, except
+    ``epochs`` and ``early_stop_patience``, which extend the run.
     Attach it last among the trainer's handlers, so that validation (and its best-model save) of an epoch has run
     before that epoch's state is saved. Without ``resume`` old resume files are removed at start: a fresh run
     must never later be resumed from an older run's state. A run that completes says so in ``finished.json``: its
-    state is kept, so the same run can be extended with more epochs, but a run of other settings in the same folder
-    (the README's Chest X-ray command after the demo) replaces it instead of being refused. The state of a run that
-    did not complete (killed, diverged) is never replaced: another run's settings are refused with the remedy.
+    state is kept, so the same run can be extended with more epochs (or more patience, after an early stop: with
+    neither, a re-run has nothing to train), but a run of other settings in the same folder (the README's Chest
+    X-ray command after the demo) replaces it instead of being refused. The state of a run that did not complete
+    (killed, diverged) is never replaced: another run's settings are refused with the remedy.
     """
 
     def __init__(
@@ -321,6 +407,7 @@ class ResumeCheckpoint:
         n_saved: int = 2,
         map_location=None,
         network: torch.nn.Module | None = None,
+        settings: Mapping | None = None,
     ):
         self.save_dir = save_dir
         self.resume = flag(resume, "resume")
@@ -328,6 +415,8 @@ class ResumeCheckpoint:
         self.n_saved = n_saved
         self.objects = {k: KeyMetricTracker(v) if isinstance(v, CheckpointSaver) else v for k, v in save_dict.items()}
         network = network or next((v for v in save_dict.values() if isinstance(v, torch.nn.Module)), None)
+        if settings is not None:
+            self.objects = {"settings": RunSettings(settings), **self.objects}
         if network is not None:
             self.objects = {"signature": NetworkSignature(network), **self.objects}
         self.objects["rng"] = RNGState()
@@ -360,6 +449,14 @@ class ResumeCheckpoint:
             return False
         return finished_epoch == int(_RESUME_FILE.match(latest.name).group(1))
 
+    def _same_budget(self, checkpoint: Mapping, max_epochs: int) -> bool:
+        """Whether this run has the epochs and early-stop patience of the run that wrote ``checkpoint``."""
+        saved = checkpoint.get("settings") if isinstance(checkpoint.get("settings"), Mapping) else {}
+        current = self.objects["settings"].settings if "settings" in self.objects else {}
+        trainer = checkpoint.get("trainer") if isinstance(checkpoint.get("trainer"), Mapping) else {}
+        same_patience = _patience(saved.get("early_stop_patience")) == _patience(current.get("early_stop_patience"))
+        return trainer.get("max_epochs") == max_epochs and same_patience
+
     def started(self, engine: Engine) -> None:
         latest = latest_resume_checkpoint(self.save_dir)
         if latest is None:
@@ -382,6 +479,12 @@ class ResumeCheckpoint:
                 f"own --ckpt_dir, or start afresh with --resume false (or delete {self.save_dir})."
             ) from error
         prior_max_epochs = engine.state.max_epochs
+        cosine = _cosine_budget_change(present, checkpoint, prior_max_epochs)
+        if cosine:
+            raise CheckpointError(
+                f"Resume checkpoint {latest} cannot continue this run: {cosine}, or start afresh with --resume false "
+                f"(or delete {self.save_dir})."
+            )
         try:
             _load_objects(present, checkpoint, latest)
         except CheckpointError as error:  # fits the network, but not the rest of this run's state
@@ -398,23 +501,37 @@ class ResumeCheckpoint:
             if _RESUME_FILE.match(p.name)
         )
         self.checkpoint.load_state_dict({"_saved": saved})  # older files are rotated out as new ones are written
+        if self._finished_at(latest) and (
+            engine.state.epoch == prior_max_epochs or self._same_budget(checkpoint, prior_max_epochs)
+        ):
+            logger.info(
+                "The run in %s completed at epoch %d: nothing to train. Raise --epochs (or, after an early stop, "
+                "change --early_stop_patience) to train on, or start afresh with --resume false.",
+                self.save_dir,
+                engine.state.epoch,
+            )
+            if engine.state.epoch < prior_max_epochs:  # stopped early: its patience is spent, the loop would go on
+                engine.terminate()
+            return
         logger.info(
             "Resumed training from %s (epoch %d, iteration %d).", latest, engine.state.epoch, engine.state.iteration
         )
 
     def _present_in(self, checkpoint: Mapping, path) -> dict:
-        """The objects to load from a checkpoint. One written by an older bundle may lack an entry added since: the
-        learning-rate scheduler (bundle 0.8.0), whose absence means the run trained at a constant rate, which a
-        constant schedule continues exactly; any other missing entry is refused with the remedy."""
+        """The objects to load from a checkpoint. One written by an older bundle may lack an entry added since (the
+        learning-rate scheduler in 0.8.0; the settings and the validation handlers' records later): those whose
+        absence ``_without_state`` explains resume without it; any other missing entry is refused with the remedy."""
         missing = [key for key in self.objects if key not in checkpoint]
         for key in missing:
-            if not _continues_without_state(self.objects[key]):
+            note = _without_state(self.objects[key])
+            if note is None:
                 hint = "continue it with a constant lr_schedule, as it was made, " if key == "lr_scheduler" else ""
                 raise CheckpointError(
                     f"Resume checkpoint {path} was written by an older bundle and has no {key!r} state this run "
                     f"needs: {hint}or start afresh with --resume false (or delete {self.save_dir})."
                 )
-            logger.info("%s predates the %r state: it trained at a constant rate, which this run continues.", path, key)
+            exact = isinstance(self.objects[key], torch.optim.lr_scheduler.ConstantLR)  # resumes exactly all the same
+            (logger.info if exact else logger.warning)("%s predates the %r state: %s.", path, key, note)
         return {key: value for key, value in self.objects.items() if key not in missing}
 
     def completed(self, engine: Engine) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -78,9 +79,11 @@ class AnomalyMetricsHandler:
     With ``output_dir`` it also writes ``<prefix>metrics.json``, ``<prefix>scores.csv`` and, with ``plots``,
     the ROC curve, the score distributions and original / reconstruction / residual panels; with ``calibrate``,
     ``<prefix>kept_metrics.json`` holds the epoch and metrics of the best AUC so far, the model the checkpoint
-    saver keeps (``<prefix>metrics.json`` is the latest epoch's).
-    Attach it before ``CheckpointSaver`` so the saver sees this epoch's metric. ``distributed=True`` (evaluation
-    sharded by a ``DistributedSampler``) gathers every process's records first; process 0 writes the outputs.
+    saver keeps (``<prefix>metrics.json`` is the latest epoch's); that best so far is resume state (``state_dict``).
+    With ``calibrate``, a split without both normal and abnormal items is refused when attached (its AUC is NaN: no
+    epoch could ever be chosen on it). Attach it before ``CheckpointSaver`` so the saver sees this epoch's metric.
+    ``distributed=True`` (evaluation sharded by a ``DistributedSampler``) gathers every process's records first;
+    process 0 writes the outputs.
     """
 
     def __init__(
@@ -107,11 +110,34 @@ class AnomalyMetricsHandler:
         self.records: dict[str, list] = {}
         self.panels: list[dict] = []
         self.kept_auc = -np.inf  # the best validation AUC so far: the epoch the checkpoint saver keeps
+        self.kept_epoch: int | None = None
+
+    def state_dict(self) -> dict:
+        return {"kept_auc": float(self.kept_auc), "kept_epoch": self.kept_epoch}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """The best so far of the interrupted run: a resumed run only replaces the kept metrics when it beats it."""
+        self.kept_auc, self.kept_epoch = float(state["kept_auc"]), state.get("kept_epoch")
 
     def attach(self, engine: Engine) -> None:
+        if self.calibrate:
+            items = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "data", None)
+            if isinstance(items, (list, tuple)) and all(isinstance(item, Mapping) for item in items):
+                self._require_both_classes([int(item["label"]) for item in items if "label" in item])
         engine.add_event_handler(Events.EPOCH_STARTED, self.reset)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.collect)
         engine.add_event_handler(Events.EPOCH_COMPLETED, self.complete)
+
+    def _require_both_classes(self, labels) -> None:
+        """Calibration and the kept epoch need the AUC, which needs normal and abnormal items."""
+        labels = np.asarray(labels)
+        n_normal, n_abnormal = int((labels == 0).sum()), int((labels == 1).sum())
+        if len(labels) and not (n_normal and n_abnormal):
+            raise ValueError(
+                f"The validation split has {n_normal} normal (label 0) and {n_abnormal} abnormal (label 1) items: its "
+                "AUC, which calibrates the scorer and chooses the epoch kept as model.pt, needs both: give the "
+                "datalist's validation split normal and abnormal items."
+            )
 
     def reset(self, engine: Engine | None = None) -> None:
         self.records = {"name": [], "volume": [], "slice": [], "label": [], "score_flow": [], "score_recon": []}
@@ -194,6 +220,7 @@ class AnomalyMetricsHandler:
         terms = {name: torch.tensor(self.records[f"score_{name}"]) for name in ("flow", "recon")}
         labelled = labels >= 0
         if self.calibrate:
+            self._require_both_classes(labels[labelled])
             pixels = {
                 name: torch.cat(values) if values else torch.zeros(0) for name, values in self.normal_pixels.items()
             }
@@ -226,7 +253,7 @@ class AnomalyMetricsHandler:
         if self.output_dir and writer:
             self._write(labels, scores, terms, metrics)
             if self.calibrate and metrics.get("auc", -np.inf) > self.kept_auc:  # strictly better, as the saver
-                self.kept_auc = metrics["auc"]
+                self.kept_auc, self.kept_epoch = metrics["auc"], engine.state.epoch
                 kept = {"epoch": engine.state.epoch, "paper_protocol": metrics, "scorer": self.scorer_description()}
                 reports.write_json(os.path.join(self.output_dir, f"{self.prefix}kept_metrics.json"), kept)
         return metrics
@@ -297,6 +324,12 @@ class MLflowDetailsHandler:
     companion finds it on the same engine and logs, into its run: the AE-FLOW ``params`` once, the loss parts
     ``output_keys`` every iteration, and at completion every file matching ``artifact_globs`` in ``artifacts_dir``
     (metrics JSON, score CSV, figures). Without tracking it does nothing.
+
+    MONAI's handler joins any unfinished run of the experiment: one left by a killed training, or by an evaluation
+    (MONAI never closes a validator's run). When that run holds other values of these ``params`` (MLflow refuses to
+    change a param), this run is tracked as a new run instead; a run of the same params (the killed training,
+    resumed) goes on in its run. ``close_run`` (default: on an engine that is not a trainer, whose MONAI handler
+    leaves its run open) ends the run at completion, so that an evaluation leaves no run for the next to join.
     """
 
     def __init__(
@@ -305,39 +338,94 @@ class MLflowDetailsHandler:
         output_keys: tuple[str, ...] = (),
         artifacts_dir: str | None = None,
         artifact_globs: tuple[str, ...] = ("*metrics.json", "*scores.csv", "*.png"),
+        close_run: bool | None = None,
     ):
         self.params = params or {}
         self.output_keys = tuple(output_keys)
         self.artifacts_dir = artifacts_dir
         self.artifact_globs = tuple(artifact_globs)
+        self.close_run = close_run
         self._params_logged = False
 
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.iteration_completed)
         engine.add_event_handler(Events.COMPLETED, self.completed)
 
     @staticmethod
-    def tracker(engine: Engine):
-        """The MONAI ``MLFlowHandler`` attached to ``engine`` with an open run, if any."""
+    def tracker(engine: Engine, opened: bool = True):
+        """The MONAI ``MLFlowHandler`` attached to ``engine`` with an open run (any, with ``opened=False``)."""
         from monai.handlers import MLFlowHandler
 
         for handlers in engine._event_handlers.values():
             for entry in handlers:
                 owner = getattr(entry[0], "__self__", None)
-                if isinstance(owner, MLFlowHandler) and owner.cur_run is not None:
+                if isinstance(owner, MLFlowHandler) and (owner.cur_run is not None or not opened):
                     return owner
         return None
 
-    def _log_params_once(self, tracker) -> None:
+    @staticmethod
+    def _run_to_join(tracker):
+        """The unfinished run ``MLFlowHandler.start`` would join (MONAI 1.x's rule), or None."""
+        tracker._set_experiment()
+        runs = tracker.client.search_runs(tracker.experiment.experiment_id)
+        runs = [r for r in runs if r.info.run_name == tracker.run_name or not tracker.run_name]
+        runs = [r for r in runs if r.info.status != tracker.run_finish_status]
+        return runs[-1] if runs else None
+
+    def _conflicts(self, tracker, run) -> dict:
+        logged = tracker.client.get_run(run.info.run_id).data.params
+        return {k: (logged[k], str(v)) for k, v in self.params.items() if k in logged and logged[k] != str(v)}
+
+    def _own_run(self, engine: Engine, tracker) -> None:
+        """Track this run in a new MLflow run where the one joined (or to be joined) holds other param values."""
+        if not self.params:
+            return
+        run = tracker.cur_run or self._run_to_join(tracker)
+        conflicts = self._conflicts(tracker, run) if run is not None else {}
+        if not conflicts:
+            return
+        opened = tracker.cur_run is not None
+        tracker._set_experiment()
+        name = tracker.run_name or f"run_{time.strftime('%Y%m%d_%H%M%S')}"
+        tracker.cur_run = tracker.client.create_run(experiment_id=tracker.experiment.experiment_id, run_name=name)
+        logger.warning(
+            "MLflow run %s (%s, left unfinished by a killed training or an evaluation) holds other params than this "
+            "run's (%s): this run is tracked as a new run, %s.",
+            run.info.run_id,
+            run.info.status,
+            "; ".join(f"{k} {old} there, {new} here" for k, (old, new) in conflicts.items()),
+            tracker.cur_run.info.run_id,
+        )
+        if opened:  # MONAI's handler logged its own params into the other run already
+            tracker._log_params({attr: getattr(engine.state, attr, None) for attr in tracker.default_tracking_params})
+
+    def started(self, engine: Engine) -> None:
+        tracker = self.tracker(engine, opened=False)
+        if tracker is None:
+            return
+        self._own_run(engine, tracker)
+        self._params_logged = False
+        close = self.close_run
+        if close is None:
+            from monai.engines import Trainer
+
+            close = not isinstance(engine, Trainer) and not tracker.close_on_complete
+        if close and not engine.has_event_handler(self.close, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self.close)  # after every handler attached before the run
+
+    def _log_params_once(self, engine: Engine, tracker) -> None:
         if not self._params_logged and self.params:
-            tracker._log_params({k: str(v) for k, v in self.params.items()})
+            self._own_run(engine, tracker)  # MONAI's handler may have opened its run after this handler's start
+            logged = tracker.client.get_run(tracker.cur_run.info.run_id).data.params
+            tracker._log_params({k: str(v) for k, v in self.params.items() if k not in logged})
         self._params_logged = True
 
     def iteration_completed(self, engine: Engine) -> None:
         tracker = self.tracker(engine)
         if tracker is None:
             return
-        self._log_params_once(tracker)
+        self._log_params_once(engine, tracker)
         output = _batched(engine.state.output) if self.output_keys else {}
         values = {key: float(torch.as_tensor(output[key]).float().mean()) for key in self.output_keys if key in output}
         if values:
@@ -347,13 +435,18 @@ class MLflowDetailsHandler:
         tracker = self.tracker(engine)
         if tracker is None:
             return
-        self._log_params_once(tracker)
+        self._log_params_once(engine, tracker)
         if not self.artifacts_dir or not os.path.isdir(self.artifacts_dir):
             return
         run_id = tracker.cur_run.info.run_id
         for pattern in self.artifact_globs:
             for path in sorted(Path(self.artifacts_dir).glob(pattern)):
                 tracker.client.log_artifact(run_id, str(path))
+
+    def close(self, engine: Engine) -> None:
+        tracker = self.tracker(engine)
+        if tracker is not None:
+            tracker.close()
 
 
 class EarlyStopOnValidation:
@@ -362,7 +455,8 @@ class EarlyStopOnValidation:
 
     Ignite's ``EarlyStopping`` attached to the trainer, reading the validator's metric after each validation, so
     the config needs no reference from the validator back to the trainer (which would be circular).
-    ``patience=None`` (or 0) disables it. The count restarts when an interrupted run resumes.
+    ``patience=None`` (or 0) disables it. The validations so far are resume state (``state_dict``): a resumed run
+    counts on from them, as the uninterrupted run would, also with another patience.
 
     With or without patience, a run whose budget ends at its best validation so far is told so: the kept model may
     not be the best the setting reaches (measured on the synthetic lesion slices: a fixed 8 epochs kept epoch 8,
@@ -382,27 +476,47 @@ class EarlyStopOnValidation:
         self.metric_name = metric_name
         self.interval = max(1, int(interval))
         self.min_delta = float(min_delta)
+        self.history: list[tuple[int, float]] = []  # (epoch, metric) of the run's validations, resumed ones included
+        self.stopper = None
 
     def score(self, _engine: Engine) -> float:
         return float(self.validator.state.metrics[self.metric_name])
 
+    def _record(self, trainer: Engine) -> None:
+        self.history.append((trainer.state.epoch, self.score(trainer)))
+
+    def state_dict(self) -> dict:
+        return {"history": [[epoch, value] for epoch, value in self.history]}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.history = [(int(epoch), float(value)) for epoch, value in state["history"]]
+        if self.stopper is not None:
+            self.stopper.counter, self.stopper.best_score = self._replayed()
+
+    def _replayed(self) -> tuple[int, float | None]:
+        """Ignite's count and best score after this run's validations so far, whatever the patience then."""
+        from ignite.handlers import EarlyStopping
+
+        patience = len(self.history) + 1
+        replay = EarlyStopping(patience, lambda value: value, Engine(lambda *_: None), threshold=self.min_delta)
+        for _, value in self.history:
+            replay(value)  # its score function reads the value handed over; never reaches the patience
+        return replay.counter, replay.best_score
+
     def attach(self, trainer: Engine) -> None:
-        history: list[tuple[int, float]] = []  # (epoch, metric) of this process's validations; a resumed run restarts
-        trainer.add_event_handler(
-            Events.EPOCH_COMPLETED(every=self.interval),
-            lambda engine: history.append((engine.state.epoch, self.score(engine))),
-        )
-        trainer.add_event_handler(Events.COMPLETED, lambda engine: self._warn_if_still_rising(engine, history))
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._record)
+        trainer.add_event_handler(Events.COMPLETED, self._warn_if_still_rising)
         if not self.patience:
             return
         from ignite.handlers import EarlyStopping
 
-        stopper = EarlyStopping(self.patience, self.score, trainer, threshold=self.min_delta)
-        stopper.logger = logger  # its "stopping" message goes to the run's log
-        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), stopper)
-        trainer.add_event_handler(Events.COMPLETED, lambda engine: self._report(engine, stopper))
+        self.stopper = EarlyStopping(self.patience, self.score, trainer, threshold=self.min_delta)
+        self.stopper.logger = logger  # its "stopping" message goes to the run's log
+        trainer.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self.stopper)
+        trainer.add_event_handler(Events.COMPLETED, self._report)
 
-    def _warn_if_still_rising(self, trainer: Engine, history: list[tuple[int, float]]) -> None:
+    def _warn_if_still_rising(self, trainer: Engine) -> None:
+        history = self.history
         if trainer.state.epoch < trainer.state.max_epochs or len(history) < 2:
             return  # stopped early, or nothing to compare
         (last_epoch, last), earlier_best = history[-1], max(value for _, value in history[:-1])
@@ -416,12 +530,12 @@ class EarlyStopOnValidation:
                 earlier_best,
             )
 
-    def _report(self, trainer: Engine, stopper) -> None:
+    def _report(self, trainer: Engine) -> None:
         if trainer.state.epoch < trainer.state.max_epochs:
             logger.info(
                 "Early stop after epoch %d: %s did not improve on %.4f for %d validation(s).",
                 trainer.state.epoch,
                 self.metric_name,
-                stopper.best_score,
+                self.stopper.best_score,
                 self.patience,
             )

@@ -9,7 +9,7 @@ import logging
 import pytest
 import torch
 from conftest import assert_same_state
-from ignite.engine import Engine
+from ignite.engine import Engine, Events
 from scripts.checkpoints import (
     CheckpointError,
     FiniteCheckpointSaver,
@@ -206,3 +206,83 @@ def test_an_unset_threshold_is_not_a_numerical_fault():
     state["scorer.threshold"] = torch.tensor(float("inf"))
     state["flow.module_list.0.subnet1.0.weight"] = torch.full((1,), float("nan"))
     assert sorted(nonfinite_entries(state)) == ["flow.module_list.0.subnet1.0.weight", "scorer.threshold"]
+
+
+SETTINGS = {"learning_rate": 0.001, "alpha": 0.5, "dataset_dir": "/data/a", "seed": 1, "epochs": 2}
+
+
+def _run_with_settings(tmp_path, settings, epochs=2, fail_in_epoch=None, schedule_epochs=None, save_dict=None):
+    """A small run in ``tmp_path / "resume"`` whose settings are ``settings``; returns it and the steps it trained
+    (a cosine schedule over ``schedule_epochs``, stepped each epoch, where given)."""
+    torch.manual_seed(0)
+    network = torch.nn.Linear(2, 1)
+    optimizer = torch.optim.SGD(network.parameters(), lr=float(settings["learning_rate"]))
+    steps = []
+
+    def step(engine, batch):
+        if engine.state.epoch == fail_in_epoch:
+            raise RuntimeError("killed")
+        optimizer.step()
+        steps.append(engine.state.iteration)
+
+    engine = Engine(step)
+    objects = {"model": network, "optimizer": optimizer, **(save_dict or {})}
+    if schedule_epochs:
+        objects["lr_scheduler"] = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=schedule_epochs)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, lambda _: objects["lr_scheduler"].step())
+    ResumeCheckpoint(str(tmp_path / "resume"), objects, settings=settings).attach(engine)
+    engine.run([0, 1], max_epochs=epochs)
+    return engine, steps
+
+
+def test_a_killed_run_resumed_with_other_settings_is_refused_naming_each_with_both_values(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="scripts.checkpoints")
+    with pytest.raises(RuntimeError, match="killed"):
+        _run_with_settings(tmp_path, SETTINGS, fail_in_epoch=2)
+    with pytest.raises(CheckpointError) as refused:
+        _run_with_settings(tmp_path, {**SETTINGS, "learning_rate": 0.002, "alpha": 0.7})
+    message = str(refused.value)
+    assert "learning_rate 0.001 but this run uses 0.002" in message and "alpha 0.5 but this run uses 0.7" in message
+    assert "did not complete: give this run its own --ckpt_dir, or start afresh with --resume false" in message
+    assert latest_resume_checkpoint(tmp_path / "resume").name == "resume_checkpoint_1.pt"  # nothing lost
+    # the budget may grow (early_stop_patience too), and a value typed as text on the command line is the same
+    extended = {**SETTINGS, "epochs": 3, "early_stop_patience": "5", "learning_rate": "1e-3"}
+    engine, steps = _run_with_settings(tmp_path, extended, epochs=3)
+    assert "Resumed training from" in caplog.text and engine.state.epoch == 3 and steps == [3, 4, 5, 6]
+
+
+def test_a_completed_run_rerun_on_other_data_trains_afresh_and_the_same_command_trains_nothing(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="scripts.checkpoints")
+    _run_with_settings(tmp_path, SETTINGS)
+    engine, steps = _run_with_settings(tmp_path, SETTINGS)
+    assert not steps and engine.state.epoch == 2 and "completed at epoch 2: nothing to train" in caplog.text
+    caplog.clear()
+    engine, steps = _run_with_settings(tmp_path, {**SETTINGS, "dataset_dir": "/data/b"})
+    assert "dataset_dir '/data/a' but this run uses '/data/b'" in caplog.text and "starts afresh" in caplog.text
+    assert steps == [1, 2, 3, 4]  # all of it, not "resumed" at its last epoch
+    saved = torch.load(latest_resume_checkpoint(tmp_path / "resume"), weights_only=True)
+    assert saved["settings"]["dataset_dir"] == "/data/b"
+
+
+def test_a_cosine_run_is_not_stretched_over_a_new_budget(tmp_path, caplog):
+    """The schedule anneals over the epochs the run started with (its T_max is resume state): more epochs would
+    go on at a learning rate of zero, or restart the curve, so the extension is refused with the remedy."""
+    _run_with_settings(tmp_path, SETTINGS, schedule_epochs=2)
+    with pytest.raises(CheckpointError, match="over the 2 epochs .* keep --epochs 2, or start afresh with --resume f"):
+        _run_with_settings(tmp_path, {**SETTINGS, "epochs": 4}, epochs=4, schedule_epochs=4)
+    caplog.set_level(logging.INFO, logger="scripts.checkpoints")
+    _, steps = _run_with_settings(tmp_path, SETTINGS, schedule_epochs=2)  # the same budget: complete, as it was
+    assert not steps and "nothing to train" in caplog.text
+
+
+def test_a_checkpoint_from_before_the_settings_resumes_with_a_warning(tmp_path, caplog):
+    """Bundles before the settings check saved none: the run resumes as it did then, saying it cannot check."""
+    with pytest.raises(RuntimeError, match="killed"):
+        _run_with_settings(tmp_path, SETTINGS, fail_in_epoch=2)
+    path = latest_resume_checkpoint(tmp_path / "resume")
+    old = torch.load(path, weights_only=True)
+    del old["settings"]
+    torch.save(old, path)
+    caplog.set_level(logging.INFO, logger="scripts.checkpoints")
+    _, steps = _run_with_settings(tmp_path, SETTINGS)
+    assert "predates the 'settings' state: its run's settings cannot be compared" in caplog.text and steps == [3, 4]

@@ -183,3 +183,53 @@ def test_lr_schedule_refuses_unknown_names_and_empty_budgets():
         optimizer.step()
         constant.step()
     assert optimizer.param_groups[0]["lr"] == 1e-3
+
+
+def test_a_validation_split_of_one_class_is_refused_before_training(tmp_path):
+    """Its AUC is NaN: no epoch would ever beat the first, and model.pt would silently stay epoch 1's."""
+    from ignite.engine import Engine
+    from monai.data import DataLoader, Dataset
+
+    network = nn.Module()
+    network.scorer = AnomalyScorer(beta=1.0, beta_selection="fixed")
+    validator = Engine(lambda engine, batch: None)
+    validator.data_loader = DataLoader(Dataset([{"image": f"{k}.png", "label": 0} for k in range(6)]))
+    refusal = "validation split has 6 normal .* and 0 abnormal .* needs both"
+    with pytest.raises(ValueError, match=refusal):
+        AnomalyMetricsHandler(network, calibrate=True, output_dir=str(tmp_path)).attach(validator)
+    AnomalyMetricsHandler(network, prefix="test_").attach(validator)  # a test set is only measured: no refusal
+    handler = AnomalyMetricsHandler(network, calibrate=True, output_dir=str(tmp_path))
+    _records(handler, np.zeros(6, int), np.arange(6.0), np.zeros(6))  # labels known only from the batches
+    with pytest.raises(ValueError, match="validation split has 6 normal .* and 0 abnormal"):
+        handler.complete(SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=1)))
+
+
+def test_early_stop_counts_on_from_the_validations_of_a_resumed_run():
+    """Its validations so far are its state: the count and best score, replayed, hold with another patience too."""
+    from ignite.engine import Engine
+    from scripts.handlers import EarlyStopOnValidation
+
+    history = [[1, 0.70], [2, 0.90], [3, 0.85], [4, 0.88]]
+    for patience, counter in ((3, 2), (None, None)):
+        handler = EarlyStopOnValidation(validator=None, patience=patience)
+        handler.attach(Engine(lambda engine, batch: None))
+        handler.load_state_dict({"history": history})
+        assert handler.state_dict() == {"history": history}
+        if counter is not None:
+            assert (handler.stopper.counter, handler.stopper.best_score) == (counter, 0.90)
+
+
+def test_kept_metrics_are_only_replaced_by_a_better_epoch_than_the_interrupted_runs_best(tmp_path):
+    network = nn.Module()
+    network.scorer = AnomalyScorer(beta=1.0, beta_selection="fixed")
+    labels = np.r_[np.zeros(10, int), np.ones(10, int)]
+    noise = np.random.default_rng(3).normal(size=20)
+    before = AnomalyMetricsHandler(network, calibrate=True, output_dir=str(tmp_path))
+    _records(before, labels, noise + 3.0 * labels, np.zeros(20))
+    before.complete(SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=2)))
+    resumed = AnomalyMetricsHandler(network, calibrate=True, output_dir=str(tmp_path))
+    resumed.load_state_dict(before.state_dict())
+    _records(resumed, labels, noise + 0.5 * labels, np.zeros(20))  # a worse epoch after the resume
+    resumed.complete(SimpleNamespace(state=SimpleNamespace(metrics={}, epoch=3)))
+    assert json.loads((tmp_path / "val_kept_metrics.json").read_text())["epoch"] == 2
+    assert resumed.state_dict() == {"kept_auc": before.kept_auc, "kept_epoch": 2}

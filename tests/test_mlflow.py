@@ -1,5 +1,6 @@
 """MLflow tracking as research groups use it: MONAI's ``--tracking mlflow`` with the default local sqlite store,
-and a shared ``mlflow server`` on loopback, both read back through MLflow's client."""
+and a shared ``mlflow server`` on loopback, both read back through MLflow's client; runs left unfinished (a killed
+training, an evaluation) never make the next tracked run crash."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ import time
 import urllib.request
 
 import pytest
+import torch
 from conftest import TINY_OVERRIDES
+from ignite.engine import Engine
 from mlflow.tracking import MlflowClient
 from monai.bundle import ConfigWorkflow
 
@@ -134,3 +137,49 @@ def _stop(server: subprocess.Popen) -> None:
 def test_shared_tracking_server(bundle_root, tiny_dataset, tmp_path, mlflow_server):
     _train_tracked(bundle_root, tiny_dataset, tmp_path, tracking_uri=mlflow_server)
     _check_run(MlflowClient(tracking_uri=mlflow_server))
+
+
+def _tracked_engine(uri, params, closes=True, fail_at=None) -> Engine:
+    """An engine tracked as ``--tracking mlflow`` tracks one: MONAI's handler first (``closes``: a trainer's, which
+    ends its run at completion; else a validator's, which never does), then the bundle's, with ``params``."""
+    from monai.handlers import MLFlowHandler
+    from scripts.handlers import MLflowDetailsHandler
+
+    def step(engine, batch):
+        if engine.state.iteration == fail_at:
+            raise RuntimeError("killed")
+        return {"loss": torch.tensor(1.0), "loss_flow": torch.tensor(0.5)}
+
+    engine = Engine(step)
+    MLFlowHandler(tracking_uri=uri, output_transform=lambda output: output["loss"], close_on_complete=closes).attach(
+        engine
+    )
+    MLflowDetailsHandler(params=params, output_keys=("loss_flow",)).attach(engine)
+    return engine
+
+
+def _runs(uri) -> list:
+    client = MlflowClient(tracking_uri=uri)
+    runs = client.search_runs([client.get_experiment_by_name("monai_experiment").experiment_id])
+    return sorted((run.data.params.get("alpha"), run.info.status) for run in runs)
+
+
+def test_a_run_left_unfinished_with_other_params_is_not_joined(tmp_path):
+    """MONAI's handler joins any unfinished run; MLflow refuses to change a param of it. A killed training's run is
+    joined by the same command, and a run of other params is tracked as a new run instead of crashing."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    with pytest.raises(RuntimeError, match="killed"):
+        _tracked_engine(uri, {"alpha": 0.5}, fail_at=2).run([0] * 3, max_epochs=1)
+    _tracked_engine(uri, {"alpha": 0.7}).run([0] * 3, max_epochs=1)
+    assert _runs(uri) == [("0.5", "RUNNING"), ("0.7", "FINISHED")]
+    _tracked_engine(uri, {"alpha": 0.5}).run([0] * 3, max_epochs=1)  # the killed run's command again: its run
+    assert _runs(uri) == [("0.5", "FINISHED"), ("0.7", "FINISHED")]
+
+
+def test_a_tracked_evaluation_closes_its_run(tmp_path):
+    """An evaluation's run (MONAI's validator handler leaves it open) is closed, so the next training opens its own."""
+    uri = f"sqlite:///{tmp_path}/mlruns.db"
+    _tracked_engine(uri, {"alpha": 0.5}, closes=False).run([0] * 2, max_epochs=1)
+    assert _runs(uri) == [("0.5", "FINISHED")]
+    _tracked_engine(uri, {"alpha": 0.7}).run([0] * 2, max_epochs=1)
+    assert _runs(uri) == [("0.5", "FINISHED"), ("0.7", "FINISHED")]
