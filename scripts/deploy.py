@@ -40,7 +40,6 @@ from .engines import RESULTS_KEY
 from .inputs import BadInputError, check_array
 from .options import flag
 from .scores import VOLUME_AGGREGATION, volume_score
-from .transforms import StrictLoadImaged
 
 logger = logging.getLogger(__name__)
 
@@ -253,8 +252,9 @@ def read_input(path: str | os.PathLike, input_spec: Mapping) -> tuple[np.ndarray
     """An image file as a Deploy app hands it to the bundle operator: the array (gray images without a channel
     axis) and MONAI's metadata (affine, original channel dimension), read with the bundle's strict loader and the
     model's reader settings."""
-    reader = StrictLoadImaged("image", input_spec["reader"], reader_args=input_spec.get("reader_args"))
-    image = reader({"image": str(path)})["image"]
+    from .preprocessing import image_loader, resolve_spec
+
+    image = image_loader(resolve_spec(input_spec))({"image": str(path)})["image"]
     meta = dict(image.meta)
     meta["filename_or_obj"] = str(path)
     return image.numpy(), meta

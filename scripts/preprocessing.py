@@ -123,7 +123,9 @@ def _intensity(spec: dict):
     return ScaleIntensityRanged("image", b_min=0.0, b_max=1.0, clip=True, **settings)
 
 
-def _loader(spec: dict, data_root: str | None):
+def image_loader(spec: dict, data_root: str | None = None) -> StrictLoadImaged:
+    """The strict loader of a resolved ``spec``: every path that reads a file (training, evaluation, inference,
+    the MONAI Deploy app) reads it with the same checks."""
     intensity = spec["intensity"]
     eight_bit = spec["kind"] == "image" and intensity["mode"] == "range" and float(intensity["a_max"]) <= 255
     return StrictLoadImaged(
@@ -143,7 +145,7 @@ def _volume_steps(spec: dict, size: list[int], checks: list, data_root: str | No
     """Load, orient, scale and resize in-plane a whole volume: shared by training items and inference inputs, so
     a slice is bit-for-bit the same either way."""
     return [
-        _loader(spec, data_root),
+        image_loader(spec, data_root),
         EnsureChannelFirstd("image"),
         *checks,
         Orientationd("image", axcodes=spec["orientation"]),
@@ -158,7 +160,14 @@ def item_transforms(spec: dict, image_size, channels: int, data_root: str | None
     finish = [EnsureChannelsd("image", channels=channels), EnsureTyped("image", dtype=torch.float32)]
     if spec["kind"] == "image":
         resize = Resized("image", spatial_size=size, mode="bilinear", anti_aliasing=spec["anti_aliasing"])
-        return [_loader(spec, data_root), EnsureChannelFirstd("image"), finish[0], _intensity(spec), resize, finish[1]]
+        return [
+            image_loader(spec, data_root),
+            EnsureChannelFirstd("image"),
+            finish[0],
+            _intensity(spec),
+            resize,
+            finish[1],
+        ]
     volume = Compose(_volume_steps(spec, size, checks=[], data_root=data_root))
     return [CachedVolumed("image", volume), SelectSliced("image", axis=spec["slice_axis"]), *finish]
 

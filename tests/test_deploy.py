@@ -537,6 +537,58 @@ def test_deploy_app_scores_a_2d_image_as_the_bundle_does(image_bundle, tmp_path,
     _app_scores_one_image_as_the_bundle(bundle_root, bundle, images[0], tmp_path)
 
 
+def test_deploy_app_runs_with_only_the_packages_its_requirements_install(image_bundle, tmp_path, bundle_root):
+    """A MAP installs deploy/app/requirements.txt and nothing else: the app, run in a fresh interpreter that can
+    import only those packages and their dependencies, scores a 2D image as the bundle's own inference does
+    (bundle 0.15.0's MAP lacked scikit-learn, which scripts.deploy imports through the scorer)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (.ci/run installs it)")
+    bundle, images = image_bundle
+    single = tmp_path / "in"
+    single.mkdir()
+    shutil.copy(images[0], single / images[0].name)
+    _infer(bundle, single, tmp_path / "bundle_out")
+    driver = bundle_root / "tests" / "deploy_app_with_only_its_requirements.py"
+    args = ["-i", str(single), "-o", str(tmp_path / "app_out"), "-m", str(bundle)]
+    done = subprocess.run([sys.executable, str(driver), *args], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads((tmp_path / "app_out" / f"{images[0].stem}_scores.json").read_text())
+    expected = json.loads((tmp_path / "bundle_out" / f"{images[0].stem}_scores.json").read_text())
+    assert report["score"] == pytest.approx(expected["score"], abs=1e-4)
+
+
+def test_deploy_app_reads_files_with_the_bundles_checks_and_writes_what_its_inference_json_asks(
+    image_bundle, tmp_path, bundle_root
+):
+    """The app's reader is the bundle's (a 16-bit image beyond an 8-bit fixed range is refused, not scored as white)
+    and its report writer takes the packaged inference.json's write_nifti_for_2d (bundle 0.15.0 ignored it)."""
+    from scripts.deploy import read_input
+    from scripts.inputs import BadInputError
+
+    pytest.importorskip("monai.deploy.core", reason="MONAI Deploy App SDK not installed (.ci/run installs it)")
+    deep = tmp_path / "deep.png"
+    PILImage.fromarray(np.tile(np.arange(0, 64000, 1000, dtype=np.uint16), (64, 1))).save(deep)
+    with pytest.raises(Exception, match="clip it to white") as refused:
+        read_input(deep, {"kind": "image", "intensity": {"mode": "range", "a_min": 0, "a_max": 255}})
+    assert isinstance(refused.value, BadInputError) or isinstance(refused.value.__cause__, BadInputError)
+    bundle, images = image_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    settings = json.loads((copy / "configs" / "inference.json").read_text())
+    (copy / "configs" / "inference.json").write_text(json.dumps({**settings, "write_nifti_for_2d": True}, indent=4))
+    single = tmp_path / "in"
+    single.mkdir()
+    shutil.copy(images[0], single / images[0].name)
+    assert run_forked(_run_app, bundle_root, copy, single, tmp_path / "app_out") == 0
+    written = sorted(p.name for p in (tmp_path / "app_out").iterdir())
+    for kind in ("map", "mask"):
+        assert (
+            f"{images[0].stem}_anomaly_{kind}.png" in written and f"{images[0].stem}_anomaly_{kind}.nii.gz" in written
+        )
+
+
 def test_deploy_app_scores_an_ensemble_model_as_the_bundle_does(image_bundle, tmp_path, bundle_root):
     """An ensemble file (``scripts.ensemble``) packaged like any model: the app and the bundle score the mean of
     the members' calibrated scores."""

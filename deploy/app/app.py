@@ -12,6 +12,7 @@ mask (label 1 = "anomaly"), which is what Deploy's DICOM SEG writer takes; see d
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -105,9 +106,12 @@ class AnomalyBundleInferenceOperator(MonaiBundleInferenceOperator):
 class AnomalyReportOperator(Operator):
     """Writes the anomaly map, mask and scores as the bundle's own inference does (``scripts.deploy.write_report``)."""
 
-    def __init__(self, fragment: Fragment, *args, output_folder: Path, input_spec: dict, **kwargs):
+    def __init__(
+        self, fragment: Fragment, *args, output_folder: Path, input_spec: dict, nifti_for_2d: bool = False, **kwargs
+    ):
         self.output_folder = Path(output_folder)
         self.input_spec = input_spec
+        self.nifti_for_2d = nifti_for_2d
         super().__init__(fragment, *args, **kwargs)
 
     def setup(self, spec: OperatorSpec):
@@ -121,7 +125,7 @@ class AnomalyReportOperator(Operator):
         logging.info(
             "Mask from the bundle operator: shape %s, %d anomalous voxels.", mask.asnumpy().shape, mask.asnumpy().sum()
         )
-        written = write_report(self.output_folder, report, self.input_spec)
+        written = write_report(self.output_folder, report, self.input_spec, self.nifti_for_2d)
         logging.info("Wrote %s", ", ".join(str(p) for p in written.values()))
 
 
@@ -150,7 +154,14 @@ class AEFlowAnomalyApp(Application):
             name="aeflow_bundle",
         )
         output = Path(app_context.output_path)
-        report = AnomalyReportOperator(self, output_folder=output, input_spec=input_spec, name="report")
+        # the packaged inference.json's output option, as the bundle's own inference reads it
+        from scripts.options import flag
+
+        settings = json.loads((bundle / "configs" / "inference.json").read_text())
+        nifti_for_2d = flag(settings.get("write_nifti_for_2d", False), "write_nifti_for_2d")
+        report = AnomalyReportOperator(
+            self, output_folder=output, input_spec=input_spec, nifti_for_2d=nifti_for_2d, name="report"
+        )
         self.add_flow(loader, inference, {("image", "image")})
         self.add_flow(inference, report, {("pred", "pred"), ("report", "report")})
 
