@@ -3,7 +3,9 @@
 It holds the runtime modules of ``scripts/`` (not the experiment tooling: ablations, benchmarks, memory and zoo
 checks, dataset adapters), ``configs/``, one model file as ``models/model.pt``, ``LICENSE`` and the model card.
 Its ``configs/metadata.json`` describes that model, read from the file itself (image size, channels, input kind)
-and the modality given here, with the output as Deploy and Label receive it (``runtime_metadata``).
+and the modality given here, with the output as Deploy and Label receive it (``runtime_metadata``), and what
+validation chose for it (``calibration``: beta, image-level reduction, image and pixel thresholds), so that an
+export made from the runtime bundle (docs/deploy.md) carries the model's own metadata.
 
     python -m scripts.package --output dist/aeflow_anomaly
     python -m scripts.package --model models/chest_xray/model.pt --modality DX --output dist/aeflow_chest_xray
@@ -51,7 +53,7 @@ def build(
 ) -> Path:
     """Write the runtime bundle to ``output`` (which must not exist yet); returns its path."""
     from .encoders import checked_runtime
-    from .model_file import read_description
+    from .model_file import calibration, read_description
 
     if encoder_runtime is not None:
         checked_runtime(encoder_runtime)
@@ -71,6 +73,7 @@ def build(
         shutil.copy(BUNDLE_ROOT / "docs" / name, output / "docs" / name)
     metadata_file = output / "configs" / "metadata.json"
     metadata = runtime_metadata(json.loads(metadata_file.read_text()), description, modality)
+    metadata["calibration"] = calibration(model)  # what validation chose: beta, reduction, the two thresholds
     metadata_file.write_text(json.dumps(metadata, indent=4) + "\n")
     if encoder_runtime is not None:
         inference_file = output / "configs" / "inference.json"

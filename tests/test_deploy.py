@@ -66,12 +66,16 @@ def _save_model(path, references, input_spec=None, seed=0):
 
 def _bundle(bundle_root, folder, references, input_spec=None):
     """A runtime bundle as ``scripts.package`` lays it out, around a small model calibrated on ``references``."""
-    from scripts.model_file import read_description
+    from scripts.model_file import calibration, read_description
     from scripts.package import build
 
     model = _save_model(folder.parent / "model_source" / "model.pt", references, input_spec)
     build(folder, model)
     assert read_description(folder / "models" / "model.pt") == read_description(model)
+    metadata = json.loads((folder / "configs" / "metadata.json").read_text())
+    assert metadata["calibration"] == calibration(model)  # an export from this bundle carries the decisions
+    image = metadata["network_data_format"]["inputs"]["image"]
+    assert image["spatial_shape"] == read_description(model)["network"]["image_size"]
     return folder
 
 
