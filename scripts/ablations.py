@@ -28,7 +28,9 @@ overrides, and the wall time of training plus evaluation); ``record`` turns a se
 file committed under ``docs/results/``. A setting whose training diverges (``engines.TrainingDiverged``) is kept
 as a result, ``{"diverged": {"what", "epoch", "iteration", "message"}}``, in its ``settings.json`` and in every
 table, rather than ending the command and losing the settings before it; a rerun reuses it as it does a finished
-setting (change the settings, e.g. ``grad_clip_norm``, to train it again).
+setting (change the settings, e.g. ``grad_clip_norm``, to train it again). A setting is reused only while its configs
+and overrides resolve to the values its ``settings.json`` recorded (a config file edited since makes another
+setting); one trained afresh in the same folder first removes the earlier run's ``models/`` and ``eval/``.
 
     python -m scripts.ablations alpha-beta --configs configs/train.json configs/images_2d.json \
         configs/chest_xray.json --output docs/results/ablations/chest_xray --set epochs=20 \
@@ -42,6 +44,8 @@ import csv
 import hashlib
 import json
 import logging
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -51,9 +55,11 @@ from monai.utils import convert_to_tensor, set_determinism
 from sklearn.metrics import roc_auc_score
 
 from . import reports
+from .checkpoints import EXTENSIBLE_SETTINGS
 from .encoders import EFFICIENTNET_LITE_PACKAGES
 from .engines import TrainingDiverged
 from .ensemble import combined
+from .handlers import batch_filenames
 from .metrics import anomaly_metrics, paired_rule, seed_scores
 from .model_file import network_from_file
 from .options import config_parser
@@ -127,11 +133,72 @@ def _study_parser(configs: list[str], overrides: dict, output: Path):
 
 def resolved_settings(configs: list[str], overrides: dict, keys=RECORDED_KEYS) -> dict:
     """The values a run used, resolved by MONAI's parser from the same config files and overrides (for an
-    ensemble's assembly, ``configs/ensemble.json``: its members, whose files hold their own settings)."""
+    ensemble's assembly, ``configs/ensemble.json``: its members, whose files hold their own settings, and the md5
+    of each member's file, so that an assembly is not reused once a member is trained again)."""
     parser = config_parser(configs, overrides)
     if parser.get("ensemble_members"):
-        keys = ENSEMBLE_RECORDED_KEYS
+        settings = {key: parser.get_parsed_content(key) for key in ENSEMBLE_RECORDED_KEYS if key in parser}
+        return {**settings, "ensemble_member_md5": [_file_md5(path) for path in settings["ensemble_members"]]}
     return {key: parser.get_parsed_content(key) for key in keys if key in parser}
+
+
+def _file_md5(path: str | os.PathLike) -> str | None:
+    """A model file's md5 (None where there is no file), which traces a result to the model that produced it."""
+    path = Path(path)
+    return hashlib.md5(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
+def setting_record(configs: list[str], overrides: dict) -> dict:
+    """What ``settings.json`` records of a setting before its wall time: its config files, its overrides and the
+    values they resolve to."""
+    return {"configs": list(configs), "overrides": overrides, **resolved_settings(configs, overrides)}
+
+
+def setting_differences(recorded: dict, settings: dict) -> dict:
+    """``{name: (recorded, now)}``: what differs between a run's ``settings.json`` and ``settings``
+    (``setting_record``), compared as JSON stores them: the config files, each override, each resolved value (one
+    that an older record lacks cannot be compared, and is not)."""
+    now, unset = reports.as_json(settings), "(not set)"
+    differing = {}
+    if recorded.get("configs") != now["configs"]:
+        differing["configs"] = (recorded.get("configs"), now["configs"])
+    before, after = recorded.get("overrides") or {}, now["overrides"]
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key, unset) != after.get(key, unset):
+            differing[key] = (before.get(key, unset), after.get(key, unset))
+    for key, value in now.items():
+        if key not in ("configs", "overrides") and key in recorded and recorded[key] != value:
+            differing.setdefault(key, (recorded[key], value))
+    return differing
+
+
+def _difference_text(differing: dict) -> str:
+    return "; ".join(f"{key} {before!r} -> {now!r}" for key, (before, now) in differing.items())
+
+
+def _clear_earlier_run(workdir: Path, settings: dict) -> None:
+    """Before a run, the record of the run that ended in ``workdir`` goes (this run's is written when it ends, so
+    a killed run is never taken for the earlier one), and with it that run's ``models/`` and ``eval/`` when this
+    run starts afresh, so that they are never taken for its results. It continues the earlier run (resumes from its
+    state, ``checkpoints.ResumeCheckpoint``) only when that run completed and this one changes its budget alone
+    (``EXTENSIBLE_SETTINGS``; not the epochs of a cosine schedule, which cannot be stretched)."""
+    record = workdir / "settings.json"
+    try:
+        earlier = json.loads(record.read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    differing = setting_differences(earlier, settings)
+    afresh = "diverged" in earlier or not set(differing) <= set(EXTENSIBLE_SETTINGS)
+    if afresh or ("epochs" in differing and settings.get("lr_schedule") == "cosine"):
+        for name in ("models", "eval"):
+            shutil.rmtree(workdir / name, ignore_errors=True)
+        logger.warning(
+            "%s: removed the models/ and eval/ of the %s run there (%s): this run starts afresh.",
+            workdir,
+            "diverged" if "diverged" in earlier else "earlier",
+            _difference_text(differing) or "the same settings",
+        )
+    record.unlink()
 
 
 def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
@@ -140,7 +207,8 @@ def run_setting(configs: list[str], overrides: dict, workdir: Path) -> dict:
 
     root = Path(configs[0]).resolve().parents[1]
     paths = {"ckpt_dir": _expression(workdir / "models"), "output_dir": _expression(workdir / "eval")}
-    settings = {"configs": list(configs), "overrides": overrides, **resolved_settings(configs, overrides)}
+    settings = setting_record(configs, overrides)
+    _clear_earlier_run(workdir, settings)
     started = time.time()
     for extra in ([], ["configs/evaluate.json"]):
         workflow = bundle_workflow(root, [*configs, *[root / name for name in extra]], "train", **overrides, **paths)
@@ -283,12 +351,17 @@ def seed_summary(runs: dict[int, dict], workdirs: dict[int, Path]) -> dict:
 
 
 def finished_setting(configs: list[str], overrides: dict, workdir: Path) -> dict | None:
-    """The test metrics of a setting already run in ``workdir`` with the same configs and overrides (or its
-    divergence record: the same settings would diverge again), else None: an interrupted comparison resumes at the
-    first unfinished variant."""
+    """The test metrics of a setting already run in ``workdir`` with the same configs, overrides and resolved
+    settings (a config file edited since makes another setting), or its divergence record (the same settings would
+    diverge again); else None, saying what differs: an interrupted comparison resumes at the first unfinished
+    variant."""
     try:
         settings = json.loads((workdir / "settings.json").read_text())
-        if settings.get("configs") != list(configs) or settings.get("overrides") != overrides:
+        differing = setting_differences(settings, setting_record(configs, overrides))
+        if differing:
+            logger.info(
+                "%s: trained again, its settings differ from the run there: %s", workdir, _difference_text(differing)
+            )
             return None
         if "diverged" in settings:
             return {key: settings[key] for key in ("diverged", "wall_time_s", "overrides")}
@@ -378,6 +451,7 @@ def compare(
     variants, each variant gets ``paired_rule``'s decision against the variant of the same name there. The table is
     rewritten after each variant, so a finished variant is kept if a later one fails; a rerun reuses finished
     variants."""
+    check_unique("--seeds", seeds or [])
     earlier = _baseline_comparison(Path(baseline), seeds, list(variants)) if baseline is not None else None
     table, folders = {}, {}
     for name, extra in variants.items():
@@ -392,14 +466,58 @@ def compare(
             table[name] = seed_summary(runs, workdirs)
             if "diverged" not in table[name]:
                 scored = [_calibrated_scores(workdirs[seed], "validation", folder) for seed in seeds]
-                table[name]["validation_scores"] = seed_scores(scored)
+                table[name]["validation_scores"] = named_seed_scores(scored)
             if earlier is not None:
-                table[name]["rule"] = {"baseline": str(baseline), **paired_rule(table[name], earlier[name])}
+                table[name]["rule"] = {"baseline": str(baseline), **checked_rule(table[name], earlier[name], baseline)}
                 logger.info(
                     "%s: rule %s: %s", name, "met" if table[name]["rule"]["met"] else "not met", table[name]["rule"]
                 )
         write_comparison(output, table, folders)
     return table
+
+
+def check_unique(option: str, values: list) -> None:
+    """A repeated seed or encoder would be trained once and counted twice (one model as a two-member ensemble, one
+    run as two paired seeds): refused before anything trains."""
+    repeated = [str(value) for value in dict.fromkeys(values) if list(values).count(value) > 1]
+    if repeated:
+        raise ValueError(f"{option} lists {', '.join(repeated)} more than once: give each once.")
+
+
+def named_seed_scores(per_seed: list[tuple]) -> dict:
+    """``metrics.seed_scores`` of each seed's (labels, scores, names), with the validation images' names beside:
+    a later study pairs with this one only on the same images, which the labels alone cannot tell."""
+    names = list(per_seed[0][2])
+    if any(list(seed_names) != names for _, _, seed_names in per_seed):
+        raise ValueError("The seeds scored different validation images.")
+    return {**seed_scores([(labels, scores) for labels, scores, _ in per_seed]), "names": names}
+
+
+def _portable_names(names: list[str]) -> list[str]:
+    """Image names below the folder they all share: the same images under another data root compare equal."""
+    root = os.path.dirname(os.path.commonprefix(names))
+    return [name[len(root) :].lstrip("/") if root else name for name in names]
+
+
+def checked_rule(design: dict, baseline: dict, source) -> dict:
+    """``paired_rule``, once the baseline is known to have scored the same validation images as the design, by
+    their names (the rule itself compares the labels, which two splits can share); a baseline recorded without
+    names is paired with a warning that this cannot be verified."""
+    if "diverged" not in design and "diverged" not in baseline:
+        names = [summary.get("validation_scores", {}).get("names") for summary in (design, baseline)]
+        if names[1] is None:
+            logger.warning(
+                "The baseline %s recorded no validation image names: that it scored the images this study scored "
+                "cannot be verified (only their labels are compared).",
+                source,
+            )
+        elif names[0] is not None and _portable_names(names[0]) != _portable_names(names[1]):
+            differing = sum(a != b for a, b in zip(*map(_portable_names, names))) + abs(len(names[0]) - len(names[1]))
+            raise ValueError(
+                f"The baseline {source} scored other validation images than this study ({differing} of "
+                f"{max(map(len, names))} differ): no paired rule. Give it a baseline run on the same datalist."
+            )
+    return paired_rule(design, baseline)
 
 
 def check_baseline_seeds(path: Path, found: list[int], seeds: list[int]) -> None:
@@ -515,8 +633,9 @@ def feature_screen(configs, overrides, output: Path, encoders: list[str], seeds:
 
 def _split_passes(parser, network, split: str):
     """One no-grad pass over a split: per batch, its images, cached encoder features (None where the configs cache
-    none: ``network.features_of`` computes them, and a method without an encoder needs none) and labels. A split
-    without both classes is refused before anything is fitted on, or measured on, it."""
+    none: ``network.features_of`` computes them, and a method without an encoder needs none), labels and the
+    images' names (as the evaluation's score CSV names them). A split without both classes is refused before
+    anything is fitted on, or measured on, it."""
     parser["validate#data#split"] = split
     labels = []
     with torch.no_grad():
@@ -525,7 +644,7 @@ def _split_passes(parser, network, split: str):
             features = convert_to_tensor(batch["features"], track_meta=False).float() if "features" in batch else None
             batch_labels = torch.as_tensor(batch["label"]).view(-1).tolist()
             labels += batch_labels
-            yield images, features, batch_labels
+            yield images, features, batch_labels, batch_filenames(batch, "image", len(batch_labels))
     if set(labels) != {0, 1}:
         raise ValueError(f"The {split} split needs normal (0) and abnormal (1) items; its labels: {set(labels)}.")
 
@@ -538,7 +657,7 @@ def _split_terms(parser, network, split: str, designs) -> tuple[np.ndarray, dict
         for form in dict.fromkeys(form for form, _ in designs)
     }
     labels, terms = [], {design: {"flow": [], "recon": []} for design in designs}
-    for images, features, batch_labels in _split_passes(parser, network, split):
+    for images, features, batch_labels, _ in _split_passes(parser, network, split):
         features = network.features_of(images, features)
         out = network.flow_decode(features)
         maps = {form: scorer.term_maps(out.z_prime, images, out.reconstruction) for form, scorer in scorers.items()}
@@ -611,7 +730,7 @@ def _reconstruction_candidates(parser, network, split: str) -> tuple[np.ndarray,
     blur = GaussianFilter(spatial_dims=2, sigma=HIGH_PASS_SIGMA)
     scorer = network.scorer
     labels, values = [], {}
-    for images, features, batch_labels in _split_passes(parser, network, split):
+    for images, features, batch_labels, _ in _split_passes(parser, network, split):
         features = network.features_of(images, features)
         out = network.flow_decode(features)
         maps = scorer.term_maps(out.z_prime, images, out.reconstruction)
@@ -669,10 +788,10 @@ def reconstruction_terms(configs, overrides, workdir: Path, output: Path) -> dic
     return table
 
 
-def _calibrated_scores(run: Path, split: str, output: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A trained setting's image scores on a split, as evaluation computes them: its own configs and overrides from
-    ``settings.json`` for the data, and what its model file says it is (encoder, size, preprocessing, calibration)
-    for everything else, so a config changed since the run cannot re-type the model."""
+def _calibrated_scores(run: Path, split: str, output: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A trained setting's image labels, scores (as evaluation computes them) and names on a split: its own configs
+    and overrides from ``settings.json`` for the data, and what its model file says it is (encoder, size,
+    preprocessing, calibration) for everything else, so a config changed since the run cannot re-type the model."""
     settings = json.loads((run / "settings.json").read_text())
     network = network_from_file(run / "models" / "model.pt").eval()
     described = {
@@ -680,30 +799,40 @@ def _calibrated_scores(run: Path, split: str, output: Path) -> tuple[np.ndarray,
     }
     overrides = {**settings["overrides"], **described, "input_spec": network.input_spec}
     parser = _study_parser(settings["configs"], overrides, output)
-    labels, scores = [], []
-    for images, features, batch_labels in _split_passes(parser, network, split):
+    labels, scores, names = [], [], []
+    for images, features, batch_labels, batch_names in _split_passes(parser, network, split):
         scores.append(network.score(images, features)["score"])
         labels += batch_labels
-    return np.asarray(labels), torch.cat(scores).numpy()
+        names += batch_names
+    return np.asarray(labels), torch.cat(scores).numpy(), names
 
 
 def ensemble(runs: list[Path], output: Path) -> dict:
     """Several trained settings as one detector (issue 13, item 6): the mean of their calibrated scores, each already
     z-scored on validation normals by its own model. Each member and the ensemble are measured on the validation
-    split, where the choice is made, and on test beside it."""
+    split, where the choice is made, and on test beside it. A run that diverged is refused: its folder holds no
+    model of its settings."""
+    for run in runs:
+        diverged = json.loads((Path(run) / "settings.json").read_text()).get("diverged")
+        if diverged:
+            raise ValueError(f"The run {run} {divergence_text(diverged)}: it has no model to ensemble.")
     table = {"runs": [str(run) for run in runs], "rule": "mean of the members' calibrated scores", "members": {}}
     means = {}
     for split in ("validation", "test"):
         members = {str(run): _calibrated_scores(run, split, output) for run in runs}
-        labels = next(iter(members.values()))[0]
-        if any(len(y) != len(labels) or (y != labels).any() for y, _ in members.values()):
+        labels, _, names = next(iter(members.values()))
+        if any(len(y) != len(labels) or (y != labels).any() or n != names for y, _, n in members.values()):
             raise ValueError(f"The runs did not score the same {split} items in the same order: {table['runs']}.")
-        for run, (_, scores) in members.items():
+        for run, (_, scores, _) in members.items():
             table["members"].setdefault(run, {})[f"{split}_auc"] = float(roc_auc_score(labels, scores))
-        ensemble_scores = combined([torch.from_numpy(scores) for _, scores in members.values()]).numpy()
+        ensemble_scores = combined([torch.from_numpy(scores) for _, scores, _ in members.values()]).numpy()
         means[split] = float(roc_auc_score(labels, ensemble_scores))
         if split == "validation":  # what a later study's paired rule resamples
-            table["validation_scores"] = {"labels": labels.tolist(), "ensemble": ensemble_scores.tolist()}
+            table["validation_scores"] = {
+                "labels": labels.tolist(),
+                "names": names,
+                "ensemble": ensemble_scores.tolist(),
+            }
     table["ensemble"] = {"validation_auc": means["validation"], "test_auc": means["test"]}
     reports.write_json(output / "ensemble.json", table)
     for name, row in {**table["members"], "ensemble": table["ensemble"]}.items():

@@ -322,7 +322,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def write_report(report: dict, output: Path, machine_name: str) -> None:
     """``<output>/<machine_name>.json``, and this machine's section of the table in ``<output>.md``."""
-    from .reports import write_json
+    from .reports import atomic_path, write_json
 
     write_json(output / f"{machine_name}.json", report)
     table = Path(f"{output}.md")
@@ -336,7 +336,8 @@ def write_report(report: dict, output: Path, machine_name: str) -> None:
         previous = previous[:start] + section + (previous[end + 1 :] if end != -1 else "")
     else:
         previous = previous.rstrip("\n") + "\n\n" + section
-    table.write_text(previous)
+    with atomic_path(table) as tmp:  # another machine's sections are in it: never half-written
+        Path(tmp).write_text(previous)
 
 
 if __name__ == "__main__":

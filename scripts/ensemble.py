@@ -147,20 +147,32 @@ def ensemble_of(model_files: Sequence[str | os.PathLike], mask_quantile: float =
 DEFAULT_ENCODERS = ("efficientnet-lite0", "efficientnet-lite2")
 
 
+class MemberDiverged(RuntimeError):
+    """A member's training diverged: its folder holds no model of its settings, so no ensemble is assembled."""
+
+
 def train_ensemble(configs: list[str], overrides: dict, output: Path, encoders: Sequence[str] = DEFAULT_ENCODERS):
     """One member per encoder trained and evaluated with the configs, then their ensemble assembled (calibrated on
     validation) and evaluated; returns each one's validation and test AUC. Each step is a setting folder of
     ``scripts.ablations`` (models/, eval/, settings.json) under ``output``, reused when it finished before; the
-    table is also written to ``output/ensemble.json``."""
+    table is also written to ``output/ensemble.json``. A member whose training diverged stops it
+    (``MemberDiverged``), naming the member and where it diverged."""
     from . import reports
-    from .ablations import kept_validation, run_or_reuse
+    from .ablations import check_unique, divergence_text, kept_validation, run_or_reuse
 
     if len(set(encoders)) < 2:
         raise ValueError(f"An ensemble across encoders needs at least two different encoders, got {list(encoders)}.")
+    check_unique("--encoders", encoders)
     output, folders = Path(output), {}
     for encoder in encoders:
         folders[encoder] = output / encoder
-        run_or_reuse(list(configs), {**overrides, "encoder": encoder}, folders[encoder])
+        run = run_or_reuse(list(configs), {**overrides, "encoder": encoder}, folders[encoder])
+        if "diverged" in run:
+            raise MemberDiverged(
+                f"The member {encoder} {divergence_text(run['diverged'])} (recorded in "
+                f"{folders[encoder] / 'settings.json'}): no ensemble is assembled. Train it with other settings "
+                "(a lower learning_rate, or grad_clip_norm) and run again: finished members are reused."
+            )
     members = [str(folders[encoder] / "models" / "model.pt") for encoder in encoders]
     folders["ensemble"] = output / "ensemble"
     assembly = str(Path(configs[0]).with_name("ensemble.json"))  # beside the bundle's train.json
@@ -184,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (JSON value)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    train_ensemble(args.configs, parse_overrides(args.set), Path(args.output), args.encoders)
+    try:
+        train_ensemble(args.configs, parse_overrides(args.set), Path(args.output), args.encoders)
+    except MemberDiverged as error:
+        print(error, file=sys.stderr)
+        return 1
     print(
         f"model: {Path(args.output) / 'ensemble' / 'models' / 'model.pt'}; table: {Path(args.output) / 'ensemble.json'}"
     )

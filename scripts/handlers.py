@@ -55,7 +55,7 @@ def _batched(data) -> Mapping:
     return data if isinstance(data, dict) else _StackedItems(data)
 
 
-def _filenames(batch, key: str, count: int) -> list[str]:
+def batch_filenames(batch, key: str, count: int) -> list[str]:
     items = batch if isinstance(batch, list) else [batch]
     names: list = []
     for item in items:
@@ -149,7 +149,7 @@ class AnomalyMetricsHandler:
     def collect(self, engine: Engine) -> None:
         output = _batched(engine.state.output)
         count = output["score"].shape[0]
-        names = _filenames(engine.state.batch, "image", count)
+        names = batch_filenames(engine.state.batch, "image", count)
         if output["score"].ndim == 2:  # volumes: one record per scored slice
             depth = output["score"].shape[1]
             self.records["volume"] += [n for n in names for _ in range(depth)]

@@ -25,17 +25,26 @@ from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds."""
+    """Yield a temporary path next to ``path``; it replaces ``path`` only if the block succeeds, with the mode a
+    plain ``open`` would have given it (``mkstemp``'s 0600 would make every record private to its writer)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _json_safe(value):
@@ -48,6 +57,12 @@ def _json_safe(value):
     if isinstance(value, np.integer):
         return int(value)
     return value
+
+
+def as_json(data):
+    """``data`` as ``write_json`` stores it and ``json.load`` reads it back (tuples as lists, NaN as None), to
+    compare a value with a recorded one."""
+    return json.loads(json.dumps(_json_safe(data)))
 
 
 def write_json(path: str | os.PathLike, data: dict) -> None:

@@ -18,8 +18,16 @@ from pathlib import Path
 import numpy as np
 
 from . import reports
-from .ablations import check_baseline_seeds, compare, divergence_text, ensemble, mean_std
-from .metrics import paired_rule, seed_scores
+from .ablations import (
+    check_baseline_seeds,
+    check_unique,
+    checked_rule,
+    compare,
+    divergence_text,
+    ensemble,
+    mean_std,
+    named_seed_scores,
+)
 from .options import config_parser
 
 logger = logging.getLogger(__name__)
@@ -29,14 +37,21 @@ def _member_summary(summary: dict) -> dict:
     return {key: value for key, value in summary.items() if key != "runs"}
 
 
-def _baseline_study(path: Path, seeds: list[int]) -> dict:
-    """An earlier ``ensemble_seeds.json`` of the same seeds, checked before hours of training rather than after."""
+def _baseline_study(path: Path, seeds: list[int], encoders: list[str]) -> dict:
+    """An earlier ``ensemble_seeds.json`` of the same seeds and members, checked before hours of training rather
+    than after."""
     if not path.is_file():
         raise FileNotFoundError(f"The baseline {path} does not exist: pass an earlier study's ensemble_seeds.json.")
     earlier = json.loads(path.read_text())
     if "seeds" not in earlier or "validation_auc" not in earlier.get("ensemble", {}):
         raise ValueError(f"The baseline {path} is not an ensemble-seeds study (no seeds or ensemble validation AUC).")
     check_baseline_seeds(path, earlier["seeds"], seeds)
+    if "encoders" in earlier and sorted(earlier["encoders"]) != sorted(encoders):
+        raise ValueError(
+            f"The baseline {path} is an ensemble of {earlier['encoders']}, this study of {list(encoders)}: the rule "
+            "decides a change of settings between the same members. To compare other members, run `study` with "
+            "a plan variant's 'encoders'."
+        )
     return earlier
 
 
@@ -50,7 +65,9 @@ def ensemble_seeds(
     seed, the ensemble is recorded as diverged (where each member stopped) and not scored."""
     if len(encoders) < 2 or not seeds:
         raise ValueError("ensemble-seeds needs two or more --encoders and one or more --seeds.")
-    earlier = _baseline_study(Path(baseline), seeds) if baseline is not None else None
+    check_unique("--encoders", encoders)
+    check_unique("--seeds", seeds)
+    earlier = _baseline_study(Path(baseline), seeds, encoders) if baseline is not None else None
     members = {
         encoder: _member_summary(
             compare(configs, {**overrides, "encoder": encoder}, output / encoder, {"AE-FLOW": []}, seeds)["AE-FLOW"]
@@ -67,7 +84,7 @@ def ensemble_seeds(
         "ensemble": _ensemble_summary(output, members, seeds),
     }
     if earlier is not None:
-        study["rule"] = {"baseline": str(baseline), **paired_rule(study["ensemble"], earlier["ensemble"])}
+        study["rule"] = {"baseline": str(baseline), **checked_rule(study["ensemble"], earlier["ensemble"], baseline)}
     reports.write_json(output / "ensemble_seeds.json", study)
     if "diverged" in study["ensemble"]:
         logger.error("ensemble of %s: %s", " + ".join(encoders), divergence_text(study["ensemble"]["diverged"]))
@@ -104,13 +121,20 @@ def _ensemble_summary(output: Path, members: dict, seeds: list[int]) -> dict:
             split: mean_std([table["ensemble"][split] for table in per_seed])
             for split in ("validation_auc", "test_auc")
         },
-        "validation_scores": seed_scores(
-            [(table["validation_scores"]["labels"], table["validation_scores"]["ensemble"]) for table in per_seed]
+        "validation_scores": named_seed_scores(
+            [[table["validation_scores"][key] for key in ("labels", "ensemble", "names")] for table in per_seed]
         ),
     }
 
 
 PLAN_KEYS = {"name", "set", "encoders"}
+# what a variant's 'set' cannot change (the runs are given them: it would be trained as the baseline), and how to ask
+PLAN_REFUSED_SETTINGS = {
+    "encoder": "a design's members are its 'encoders' (the baseline's: --encoders); give the variant "
+    '"encoders": [...] instead.',
+    "seed": "every design is trained with each of --seeds and paired with the baseline seed by seed; ask about "
+    "seeds with --seeds (or compare --seeds), not in a variant.",
+}
 
 
 def checked_plan(plan: dict) -> list[dict]:
@@ -129,6 +153,10 @@ def checked_plan(plan: dict) -> list[dict]:
             raise ValueError(f"Study plan variant {variant['name']!r} has unknown key(s) {sorted(unknown)}.")
         if not isinstance(variant.get("set", {}), dict) or not isinstance(variant.get("encoders", []), list):
             raise ValueError(f"Study plan variant {variant['name']!r}: 'set' is an object, 'encoders' a list.")
+        for key, how in PLAN_REFUSED_SETTINGS.items():  # a design's encoders and seeds are the study's, not 'set'
+            if key in variant.get("set", {}):
+                raise ValueError(f"Study plan variant {variant['name']!r} sets {key!r}: {how}")
+        check_unique(f"Study plan variant {variant['name']!r}: 'encoders'", variant.get("encoders", []))
         if not variant.get("set") and not variant.get("encoders"):
             raise ValueError(f"Study plan variant {variant['name']!r} changes nothing: give 'set' or 'encoders'.")
         folder = study_folder(variant["name"])
@@ -222,6 +250,8 @@ def study(configs, overrides, output: Path, encoders: list[str], seeds: list[int
     variants = checked_plan(plan)
     if not encoders or not seeds:
         raise ValueError("A study needs one or more --encoders and one or more --seeds.")
+    check_unique("--encoders", encoders)
+    check_unique("--seeds", seeds)
     table = {**{key: value for key, value in about.items() if value}, "configs": list(configs)}
     table.update({"overrides": overrides, "encoders": list(encoders), "seeds": list(seeds), "rows": []})
     baseline = _design_summary(configs, overrides, output / study_folder(STUDY_BASELINE), encoders, seeds)
@@ -233,7 +263,7 @@ def study(configs, overrides, output: Path, encoders: list[str], seeds: list[int
             summary = _design_summary(configs, {**overrides, **variant.get("set", {})}, folder, members, seeds)
             changes = {key: variant[key] for key in ("set", "encoders") if variant.get(key)}
             row = _study_row(variant["name"], changes, summary)
-            table["rows"].append({**row, "rule": paired_rule(summary, baseline)})
+            table["rows"].append({**row, "rule": checked_rule(summary, baseline, "the configured design")})
         else:
             logger.info("%s: the configured design already has it; not run", variant["name"])
             table.setdefault("not_run", {})[variant["name"]] = "the configured design already has it"

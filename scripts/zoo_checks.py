@@ -103,10 +103,12 @@ def run_all(bundle_root: str | Path, schema_file: str | Path | None = None, **ov
         raise FileNotFoundError(f"Required bundle file(s) missing in {root}: {report['missing_required']}.")
     report["missing_preferred"] = missing_files(root, PREFERRED_FILES)
     report["version"] = check_version_in_changelog(root)
-    if schema_file and Path(schema_file).is_file():
+    if schema_file and not Path(schema_file).is_file():  # a mistyped path must not pass as a skipped check
+        raise FileNotFoundError(f"The metadata schema {schema_file} does not exist; pass a local meta_schema_*.json.")
+    if schema_file:
         check_metadata(root, schema_file)
     else:
-        report["skipped"].append(f"verify_metadata (no schema file at {schema_file})")
+        report["skipped"].append("verify_metadata (no --schema given)")
     ckpt = root / "models" / "model.pt"
     if not ckpt.is_file():  # inference builds its network from the model file: nothing to check without one
         report["skipped"].append("verify_net_in_out and export (models/model.pt is absent)")
@@ -130,7 +132,8 @@ def main(argv=None) -> int:
         print(f"MISSING preferred bundle file: {name}")
     for what in report["skipped"]:
         print(f"SKIPPED: {what}")
-    print(f"model-zoo checks passed for version {report['version']} (embedded: {', '.join(report['exported_files'])})")
+    embedded = ", ".join(report.get("exported_files", [])) or "nothing, not exported"
+    print(f"model-zoo checks passed for version {report['version']} (embedded: {embedded})")
     return 1 if args.strict and report["missing_preferred"] else 0
 
 

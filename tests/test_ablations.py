@@ -9,12 +9,14 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_OVERRIDES
-from scripts import ablations, metrics, studies
+from scripts import ablations, engines, metrics, reports, studies
 from scripts.model_file import network_from_file
 from sklearn.metrics import roc_auc_score
 
@@ -189,6 +191,8 @@ def test_compare_seeds_keeps_validation_scores_and_decides_the_rule_against_a_ba
     table = json.loads((tmp_path / "a" / "comparison.json").read_text())["AE-FLOW"]
     scores = table["validation_scores"]
     assert len(scores["values"]) == 1 and "rule" not in table
+    with open(tmp_path / "a" / "AE-FLOW" / "seed_0" / "eval" / "val_scores.csv") as f:  # named as evaluation names
+        assert scores["names"] == [row["name"] for row in csv.DictReader(f)]
     assert 100 * roc_auc_score(scores["labels"], scores["values"][0]) == pytest.approx(
         100 * table["validation_auc"]["values"][0], abs=1e-4
     )
@@ -255,6 +259,9 @@ def test_study_writes_the_table_of_a_plan_with_each_rules_decision(bundle_root, 
         ({"variants": [{"name": "a", "set": ["alpha"]}]}, "'set' is an object"),
         ({"variants": [{"name": "a b", "set": {"alpha": 0.1}}, {"name": "a_b", "encoders": ["x"]}]}, "used twice"),
         ({"variants": [{"name": "Baseline", "set": {"alpha": 0.1}}]}, "used twice"),
+        ({"variants": [{"name": "Lite2", "set": {"encoder": "efficientnet-lite2"}}]}, "sets 'encoder'.*\"encoders\""),
+        ({"variants": [{"name": "seed 7", "set": {"seed": 7}}]}, "sets 'seed'.*--seeds"),
+        ({"variants": [{"name": "a", "encoders": ["efficientnet-lite0"] * 2}]}, "efficientnet-lite0 more than once"),
     ],
 )
 def test_study_plan_is_refused_before_training(plan, message, tmp_path):
@@ -404,3 +411,133 @@ def test_missing_arguments_are_named_before_anything_runs(tmp_path, capsys, args
     assert stopped.value.code == 2
     assert needs in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def _fake_training(monkeypatch, diverges=lambda overrides: False) -> list[dict]:
+    """``run_setting`` with its workflows replaced: training writes ``models/`` (or diverges at epoch 2, iteration
+    5 where ``diverges(overrides)``), evaluation writes ``eval/``; returns the overrides of each training."""
+    trained = []
+
+    class Workflow:
+        def __init__(self, root, configs, workflow_type, ckpt_dir, output_dir, **overrides):
+            self.evaluates = str(configs[-1]).endswith("evaluate.json")
+            self.models, self.eval, self.overrides = Path(ckpt_dir[2:-1]), Path(output_dir[2:-1]), overrides
+
+        def run(self):
+            if self.evaluates:
+                reports.write_json(self.eval / "test_metrics.json", {"paper_protocol": {"auc": 0.75}})
+                return
+            trained.append(self.overrides)
+            if diverges(self.overrides):
+                raise engines.TrainingDiverged("loss", 2, 5)
+            self.models.mkdir(parents=True, exist_ok=True)
+            (self.models / "model.pt").write_bytes(json.dumps(self.overrides).encode())
+
+        def finalize(self):
+            pass
+
+    monkeypatch.setattr(engines, "bundle_workflow", Workflow)
+    return trained
+
+
+def test_a_finished_run_is_trained_again_once_its_config_files_resolve_otherwise(
+    bundle_root, tmp_path, monkeypatch, caplog
+):
+    """A run is reused only while its configs resolve to the settings its ``settings.json`` recorded: the same
+    config files and overrides, with a file edited since, are another setting, trained again saying why."""
+    trained = _fake_training(monkeypatch)
+    extra = tmp_path / "study.json"
+    extra.write_text(json.dumps({"learning_rate": 0.001}))
+    configs, workdir = [str(bundle_root / "configs" / "train.json"), str(extra)], tmp_path / "run"
+    first = ablations.run_or_reuse(configs, {"epochs": 1}, workdir)
+    assert ablations.run_or_reuse(configs, {"epochs": 1}, workdir) == first and len(trained) == 1
+    extra.write_text(json.dumps({"learning_rate": 0.01}))
+    with caplog.at_level(logging.INFO, logger=ablations.__name__):
+        ablations.run_or_reuse(configs, {"epochs": 1}, workdir)
+    assert len(trained) == 2 and "learning_rate 0.001 -> 0.01" in caplog.text
+    assert json.loads((workdir / "settings.json").read_text())["learning_rate"] == 0.01
+
+
+def test_a_run_started_afresh_leaves_nothing_of_the_earlier_run_and_a_diverged_run_is_not_ensembled(
+    bundle_root, tmp_path, monkeypatch
+):
+    """A run of other settings in a folder removes the earlier run's models/ and eval/ first, so a run that then
+    diverges leaves none to be taken for its own (``ablations ensemble`` refuses it, naming where it diverged); a
+    completed run whose budget alone changes keeps its state, which the training resumes from."""
+    _fake_training(monkeypatch, diverges=lambda overrides: overrides.get("learning_rate") == 1.0)
+    configs, workdir = [str(bundle_root / "configs" / "train.json")], tmp_path / "run"
+    ablations.run_or_reuse(configs, {"learning_rate": 0.001}, workdir)
+    assert (workdir / "models" / "model.pt").is_file() and (workdir / "eval" / "test_metrics.json").is_file()
+    assert ablations.run_or_reuse(configs, {"learning_rate": 1.0}, workdir)["diverged"]["epoch"] == 2
+    assert sorted(path.name for path in workdir.iterdir()) == ["settings.json"]
+    with pytest.raises(ValueError, match="run .* diverged at epoch 2, iteration 5 \\(loss\\)"):
+        ablations.ensemble([workdir, workdir], tmp_path / "ensemble")
+    assert not (tmp_path / "ensemble").exists()
+
+    longer = tmp_path / "longer"
+    ablations.run_or_reuse(configs, {"epochs": 1}, longer)
+    reports.write_json(longer / "models" / "resume" / "finished.json", {"epoch": 1})
+    ablations.run_or_reuse(configs, {"epochs": 2}, longer)
+    assert (longer / "models" / "resume" / "finished.json").is_file()
+
+
+def test_repeated_encoders_or_seeds_are_refused_before_anything_trains(tmp_path):
+    """A repeated encoder would make a one-model "ensemble", a repeated seed one run counted as two paired seeds."""
+    plan = {"variants": [{"name": "a", "set": {"alpha": 0.1}}]}
+    lite0, lite2 = "efficientnet-lite0", "efficientnet-lite2"
+    calls = {
+        "efficientnet-lite0": lambda: studies.ensemble_seeds(
+            ["unused.json"], {}, tmp_path / "s", [lite0, lite2, lite0], [0]
+        ),
+        "--seeds lists 0": lambda: studies.ensemble_seeds(["unused.json"], {}, tmp_path / "s", [lite0, lite2], [0, 0]),
+        "--seeds lists 1": lambda: ablations.compare(["unused.json"], {}, tmp_path / "s", {"AE-FLOW": []}, [0, 1, 1]),
+        "--encoders lists": lambda: studies.study(["unused.json"], {}, tmp_path / "s", [lite0, lite0], [0], plan),
+        "--seeds lists 2": lambda: studies.study(["unused.json"], {}, tmp_path / "s", [lite0], [2, 2], plan),
+    }
+    for message, call in calls.items():
+        with pytest.raises(ValueError, match=f"{message}.* more than once"):
+            call()
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_baseline_is_paired_only_on_the_same_validation_images_and_members(tmp_path, monkeypatch, caplog):
+    """The validation images' names are recorded beside their scores; a baseline that scored other images (even
+    with the same labels) is refused, one that recorded no names is paired with a warning, and the same images
+    under another data root pair. An ensemble-seeds baseline of other members is refused before training."""
+    labels, scores = np.array([0, 0, 1, 1]), np.array([0.1, 0.2, 0.3, 0.4])
+    names = [f"/data/split/{kind}/{i}.png" for i, kind in enumerate(("normal", "normal", "abnormal", "abnormal"))]
+    monkeypatch.setattr(ablations, "run_or_reuse", lambda c, o, w: {"paper_protocol": {"auc": 0.8}, "wall_time_s": 1})
+    monkeypatch.setattr(ablations, "kept_validation", lambda workdir: {"epoch": 1, "paper_protocol": {"auc": 0.9}})
+    monkeypatch.setattr(ablations, "_calibrated_scores", lambda run, split, output: (labels, scores, names))
+    monkeypatch.setattr(ablations, "write_comparison", lambda *args: None)
+    variants, baseline = {"AE-FLOW": []}, tmp_path / "baseline.json"
+    table = ablations.compare(["unused.json"], {}, tmp_path / "a", variants, [0, 1])["AE-FLOW"]
+    assert table["validation_scores"]["names"] == names and len(table["validation_scores"]["values"]) == 2
+
+    def paired(baseline_names):
+        recorded = {key: value for key, value in table["validation_scores"].items() if key != "names"}
+        recorded.update({} if baseline_names is None else {"names": baseline_names})
+        reports.write_json(baseline, {"AE-FLOW": {**table, "validation_scores": recorded}})
+        return ablations.compare(["unused.json"], {}, tmp_path / "a", variants, [0, 1], baseline)["AE-FLOW"]["rule"]
+
+    assert paired([name.replace("/data/split", "/mnt/copy/split") for name in names])["differences"] == [0.0, 0.0]
+    with pytest.raises(ValueError, match="other validation images than this study \\(1 of 4 differ\\)"):
+        paired([*names[:3], "/data/split/abnormal/9.png"])  # the same labels, another image
+    with caplog.at_level(logging.WARNING, logger=ablations.__name__):
+        assert paired(None)["differences"] == [0.0, 0.0]
+    assert "recorded no validation image names" in caplog.text and "cannot be verified" in caplog.text
+
+    per_seed = {"ensemble": {"validation_auc": 0.9, "test_auc": 0.8}}
+    per_seed["validation_scores"] = {"labels": labels.tolist(), "names": names, "ensemble": scores.tolist()}
+    monkeypatch.setattr(studies, "ensemble", lambda runs, output: per_seed)
+    members = {encoder: {"seeds": [0]} for encoder in ("efficientnet-lite0", "efficientnet-lite2")}
+    assert studies._ensemble_summary(tmp_path, members, [0])["validation_scores"]["names"] == names
+    record = tmp_path / "ensemble_seeds.json"
+    reports.write_json(
+        record, {"seeds": [0], "encoders": list(members), "ensemble": {"validation_auc": {"values": [0.9]}}}
+    )
+    with pytest.raises(ValueError, match="is an ensemble of .* plan variant's 'encoders'"):
+        studies.ensemble_seeds(
+            ["unused.json"], {}, tmp_path / "b", ["efficientnet-lite0", "efficientnet-lite1"], [0], record
+        )
+    assert not (tmp_path / "b").exists()

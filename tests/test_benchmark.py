@@ -4,9 +4,13 @@ writes the machine's JSON and its section of the table."""
 from __future__ import annotations
 
 import json
+import os
+import stat
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
-from scripts import benchmark
+from scripts import benchmark, reports
 
 
 def test_measure_and_report(tmp_path):
@@ -46,3 +50,28 @@ def test_folder_auc_reads_the_class_from_each_files_folder():
     assert benchmark.folder_auc(scores, "PNEUMONIA") == pytest.approx(0.25)
     with pytest.raises(ValueError, match="--normal 'normal'"):
         benchmark.folder_auc(scores, "normal")  # no folder of that name: every file would be abnormal
+
+
+def test_records_take_the_umask_mode_and_the_table_is_replaced_atomically(tmp_path, monkeypatch):
+    """A record is readable as a plain ``open`` would have left it (not ``mkstemp``'s 0600), and the table of every
+    machine's section is written through the atomic writer, as the machine's JSON is."""
+    written = []
+    atomic_path = reports.atomic_path
+
+    @contextmanager
+    def recorded(path):
+        with atomic_path(path) as tmp:
+            yield tmp
+        written.append(Path(path).name)
+
+    monkeypatch.setattr(reports, "atomic_path", recorded)
+    monkeypatch.setattr(benchmark, "_table", lambda report: "| a table |\n")
+    umask = os.umask(0o027)
+    try:
+        benchmark.write_report({"device": "cpu"}, tmp_path / "benchmarks", "test-machine")
+    finally:
+        os.umask(umask)
+    assert written == ["test-machine.json", "benchmarks.md"]
+    for path in (tmp_path / "benchmarks" / "test-machine.json", tmp_path / "benchmarks.md"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640, path
+    assert "## test-machine (cpu)" in (tmp_path / "benchmarks.md").read_text()

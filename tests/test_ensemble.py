@@ -232,3 +232,50 @@ def test_assembly_and_evaluation_are_tracked_in_mlflow(assembled, bundle_root, t
     assert assembly.data.params["members"] == str([str(m) for m in members]) and "val_auc" in assembly.data.metrics
     assert "efficientnet-lite0" in evaluation.data.params["members"]  # the file's own description of its members
     assert "test_auc" in evaluation.data.metrics
+
+
+def test_a_diverged_member_stops_the_assembly_and_a_retrained_member_is_assembled_again(
+    bundle_root, tmp_path, monkeypatch, capsys
+):
+    """``scripts.ensemble`` assembles nothing from a member whose training diverged (it names the member and where
+    it diverged); the assembly of members one of which was trained since is not reused; repeated encoders are
+    refused. The trainings are faked: what ``run_setting`` leaves, a model file per training included."""
+    import time
+
+    from scripts import ablations, ensemble, reports
+
+    assembled = []
+
+    def run_setting(configs, overrides, workdir):
+        resolved = ablations.resolved_settings(configs, overrides)
+        settings = {"configs": list(configs), "overrides": overrides, **resolved, "wall_time_s": 1.0}
+        if overrides.get("learning_rate") == 1.0 and overrides.get("encoder") == "efficientnet-lite2":
+            diverged = {"diverged": {"what": "loss", "epoch": 3, "iteration": 40, "message": "Non-finite loss"}}
+            reports.write_json(workdir / "settings.json", {**settings, **diverged})
+            return {**diverged, "wall_time_s": 1.0, "overrides": overrides}
+        if "ensemble_members" in overrides:
+            assembled.append(overrides["ensemble_members"])
+        (workdir / "models").mkdir(parents=True, exist_ok=True)
+        (workdir / "models" / "model.pt").write_bytes(f"{overrides} {len(assembled)} {time.time_ns()}".encode())
+        for name in ("test_metrics.json", "val_kept_metrics.json"):
+            reports.write_json(workdir / "eval" / name, {"epoch": 1, "paper_protocol": {"auc": 0.9}})
+        reports.write_json(workdir / "settings.json", settings)
+        return {"paper_protocol": {"auc": 0.9}}
+
+    monkeypatch.setattr(ablations, "run_setting", run_setting)
+    configs = [str(bundle_root / "configs" / "train.json")]
+    ensemble.train_ensemble(configs, {"learning_rate": 0.001}, tmp_path)
+    ensemble.train_ensemble(configs, {"learning_rate": 0.001}, tmp_path)
+    assert len(assembled) == 1  # every step reused
+    (tmp_path / "efficientnet-lite2" / "settings.json").unlink()  # that member is trained again: a new model file
+    ensemble.train_ensemble(configs, {"learning_rate": 0.001}, tmp_path)
+    assert len(assembled) == 2
+    argv = ["--configs", *configs, "--output", str(tmp_path), "--set", "learning_rate=1.0"]
+    assert ensemble.main(argv) == 1 and len(assembled) == 2
+    message = capsys.readouterr().err
+    assert "member efficientnet-lite2 diverged at epoch 3, iteration 40 (loss)" in message
+    assert "no ensemble is assembled" in message
+    with pytest.raises(ValueError, match="efficientnet-lite0 more than once"):
+        ensemble.train_ensemble(
+            configs, {}, tmp_path, ["efficientnet-lite0", "efficientnet-lite2", "efficientnet-lite0"]
+        )

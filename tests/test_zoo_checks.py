@@ -166,3 +166,19 @@ def test_the_zoo_unit_test_pattern_runs_from_another_directory(bundle_root, tmp_
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["inferred"] == ["test_000_flair_scores.json", "test_004_flair_scores.json"]
     assert 0.0 <= result["test_auc"] <= 1.0
+
+
+def test_a_bundle_without_a_model_passes_and_a_schema_that_does_not_exist_fails(bundle_root, tmp_path, capsys):
+    """Without ``models/model.pt`` the checks run, skip the export and say so (``--strict`` fails); a ``--schema``
+    path that does not exist is an error, with or without ``--strict``, never a skipped check."""
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    for name in zoo_checks.REQUIRED_FILES:
+        shutil.copyfile(bundle_root / name, bundle / name)
+    assert zoo_checks.main(["--bundle_root", str(bundle)]) == 0
+    printed = capsys.readouterr().out
+    assert "MISSING preferred bundle file: models/model.pt" in printed and "model-zoo checks passed" in printed
+    assert zoo_checks.main(["--bundle_root", str(bundle), "--strict"]) == 1
+    for strict in ([], ["--strict"]):
+        with pytest.raises(FileNotFoundError, match="does not exist"):
+            zoo_checks.main(["--bundle_root", str(bundle), "--schema", str(tmp_path / "missing.json"), *strict])
