@@ -296,6 +296,14 @@ def map_to_uint8(score_map: np.ndarray, pixel_threshold: float) -> np.ndarray:
     return np.clip(np.nan_to_num(score_map, nan=0.0) / max(float(scale), 1e-8) * 128, 0, 255).astype(np.uint8)
 
 
+def plain_file_mode() -> int:
+    """The mode a plain ``open`` gives a new file (0666 less the process's umask, read by setting it and setting it
+    back at once): what a file written through a temporary one must get, since ``mkstemp`` makes it 0600."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _atomic_files(output_dir: Path, contents: dict[str, bytes]) -> dict[str, Path]:
     """Write every file next to its target first, then rename them all: none appears half-written."""
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +313,7 @@ def _atomic_files(output_dir: Path, contents: dict[str, bytes]) -> dict[str, Pat
             fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=output_dir)
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
+            os.chmod(tmp, plain_file_mode())  # readable as any output file is, not mkstemp's 0600
             staged[name] = tmp
         for name, tmp in staged.items():
             os.replace(tmp, output_dir / name)

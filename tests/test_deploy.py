@@ -695,3 +695,21 @@ def test_written_png_holds_the_map_exactly_in_the_inputs_pixel_order(reverse_ind
         PILImage.open(io.BytesIO(_png_bytes(rendered, {"reader_args": {"reverse_indexing": reverse_indexing}})))
     )
     np.testing.assert_array_equal(written, rendered.T if reverse_indexing else rendered)
+
+
+def test_inference_outputs_are_readable_as_any_new_file_is(tmp_path):
+    """Outputs are staged in mkstemp files (0600) and renamed: each gets the mode a plain open would give it, so a
+    PACS reader or a MAP consumer under another user can read them."""
+    import os
+
+    from scripts.deploy import _atomic_files
+
+    previous = os.umask(0o022)
+    try:
+        written = _atomic_files(tmp_path / "out", {"a_scores.json": b"{}", "a_anomaly_map.png": b"x"})
+    finally:
+        os.umask(previous)
+    assert {name: path.stat().st_mode & 0o777 for name, path in written.items()} == {
+        "a_scores.json": 0o644,
+        "a_anomaly_map.png": 0o644,
+    }
