@@ -122,18 +122,22 @@ def anomaly_metrics(labels, scores, threshold: float | None = None) -> dict:
 def validation_protocol(labels, scores, n_folds: int = 5, validation_fraction: float = 0.2, seed: int = 0) -> dict:
     """Appendix A: threshold from a stratified validation part, metrics on the rest; mean and std over folds.
 
-    Skipped (with the reason in the result and the log) when a class has too few items for every validation part
-    to hold one of each: a threshold chosen on a part without abnormal items is no threshold."""
+    Skipped (with the reason in the result and the log) when a validation part would lack a class: a threshold
+    chosen on a part without abnormal items is no threshold."""
     labels, scores = _as_arrays(labels, scores)
-    needed = math.ceil(1 / validation_fraction)
-    counts = {"normal": int((labels == 0).sum()), "abnormal": int((labels == 1).sum())}
-    if min(counts.values()) < needed:
-        reason = f"needs at least {needed} normal and {needed} abnormal items, got {counts}"
-        logger.warning("The %d-fold validation protocol is skipped: it %s.", n_folds, reason)
-        return {"skipped": reason, "folds": [], "summary": {}, "validation_fraction": validation_fraction, "seed": seed}
     splitter = StratifiedShuffleSplit(n_splits=n_folds, test_size=1 - validation_fraction, random_state=seed)
+    try:
+        parts = list(splitter.split(scores.reshape(-1, 1), labels))
+        lacking = next((f"a part of {len(val)} held one class" for val, _ in parts if len(set(labels[val])) < 2), None)
+    except ValueError as error:  # scikit-learn's own refusal, e.g. a class of one item
+        parts, lacking = [], str(error)
+    if lacking is not None:
+        counts = {"normal": int((labels == 0).sum()), "abnormal": int((labels == 1).sum())}
+        reason = f"a {validation_fraction:.0%} part of {counts} cannot hold both classes: {lacking}"
+        logger.warning("The %d-fold validation protocol is skipped: %s.", n_folds, reason)
+        return {"skipped": reason, "folds": [], "summary": {}, "validation_fraction": validation_fraction, "seed": seed}
     folds = []
-    for val_idx, test_idx in splitter.split(scores.reshape(-1, 1), labels):
+    for val_idx, test_idx in parts:
         threshold = best_f1_threshold(labels[val_idx], scores[val_idx])
         folds.append(anomaly_metrics(labels[test_idx], scores[test_idx], threshold))
     summary = {
