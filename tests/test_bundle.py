@@ -33,7 +33,8 @@ def test_evaluate_writes_metrics_and_figures(bundle_root, trained):
     metrics = json.load(open(f"{out}/test_metrics.json"))
     for name in ("auc", "f1", "acc", "sen", "spe", "threshold"):
         assert name in metrics["paper_protocol"]
-    assert len(metrics["validation_protocol"]["folds"]) == 5
+    protocol = metrics["validation_protocol"]  # the demo's 12 test slices: a 20 % part holds 2, often one class
+    assert len(protocol["folds"]) == 5 or ("cannot hold both classes" in protocol["skipped"] and not protocol["folds"])
     for figure in ("test_roc.png", "test_score_distributions.png", "test_panels.png"):
         with open(f"{out}/{figure}", "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
