@@ -115,27 +115,24 @@ def test_command_line_booleans_mean_what_they_say(tmp_path):
         flag("flase", "resume")
     network = AEFlow(encoder_weights="none", image_size=SIZE, flow_blocks=1)
     assert ResumeCheckpoint(str(tmp_path), {"model": network}, resume="false").resume is False
-    with pytest.raises(ValueError, match="train_amp must be true or false"):
-        AEFlowTrainer(
+
+    def trainer(**setting):
+        return AEFlowTrainer(
             device=torch.device("cpu"),
             max_epochs=1,
             train_data_loader=_batches(),
             network=network,
             optimizer=torch.optim.Adam(network.trainable_parameters()),
             loss_function=AEFlowLoss(),
-            amp="bf16",
+            **setting,
         )
+
+    with pytest.raises(ValueError, match="train_amp must be true or false"):
+        trainer(amp="bf16")
     for wrong in (-1.0, 0, "nan", "strong"):  # a negative norm would reverse the gradient, not bound it
         with pytest.raises(ValueError, match="grad_clip_norm must be a number above 0, or null"):
-            AEFlowTrainer(
-                device=torch.device("cpu"),
-                max_epochs=1,
-                train_data_loader=_batches(),
-                network=network,
-                optimizer=torch.optim.Adam(network.trainable_parameters()),
-                loss_function=AEFlowLoss(),
-                grad_clip_norm=wrong,
-            )
+            trainer(grad_clip_norm=wrong)
+    assert trainer(grad_clip_norm="null").grad_clip_norm is None and trainer(grad_clip_norm=1).grad_clip_norm == 1.0
     assert AnomalyOutputWriter(str(tmp_path), network, nifti_for_2d="false").nifti_for_2d is False
     items = [{"image": torch.rand(1, SIZE, SIZE)}]
     from monai.transforms import Compose
