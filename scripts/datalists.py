@@ -12,6 +12,7 @@ from pathlib import Path
 from monai.data import load_decathlon_datalist
 
 from .encoders import STRIDE
+from .options import flag
 from .synthetic import prepare_default_dataset
 
 logger = logging.getLogger(__name__)
@@ -35,8 +36,15 @@ def prepare_datalist(dataset_dir: str, datalist_file: str | None = None, generat
     return datalist_file
 
 
-def load_split(datalist_file: str, split: str, base_dir: str | None = None, normal_only: bool = False) -> list[dict]:
-    """Load one split with image paths made absolute; fail on missing files, naming them."""
+def load_split(
+    datalist_file: str,
+    split: str,
+    base_dir: str | None = None,
+    normal_only: bool = False,
+    keep_missing: bool | str = False,
+) -> list[dict]:
+    """Load one split with image paths made absolute; fail on missing files, naming them, unless ``keep_missing``
+    (``skip_bad_inputs``: ``inputs.screen_items`` then leaves them out, listed in its report)."""
     if split not in SPLITS:
         raise ValueError(f"Unknown split {split!r}; allowed: {', '.join(SPLITS)}.")
     base_dir = base_dir or str(Path(datalist_file).parent)
@@ -45,7 +53,7 @@ def load_split(datalist_file: str, split: str, base_dir: str | None = None, norm
             raise KeyError(f"Datalist {datalist_file} has no {split!r} split.")
     items = load_decathlon_datalist(datalist_file, is_segmentation=False, data_list_key=split, base_dir=base_dir)
     missing = [item["image"] for item in items if not os.path.isfile(item["image"])]
-    if missing:
+    if missing and not flag(keep_missing, "skip_bad_inputs"):
         raise FileNotFoundError(
             f"{len(missing)} image(s) of split {split!r} in {datalist_file} do not exist, e.g. {missing[:3]}."
         )

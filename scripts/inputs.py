@@ -202,10 +202,10 @@ def screen_items(
             len(reasons),
             "\n  ".join(reasons.values()),
         )
-        if report_file:
-            from .reports import write_json
+    if report_file:  # also when nothing was bad: an earlier run's report must not stand for this one
+        from .reports import write_json
 
-            write_json(report_file, {"skipped_items": len(items) - len(kept), "bad_files": reasons})
+        write_json(report_file, {"skipped_items": len(items) - len(kept), "bad_files": reasons})
     if not kept:
         raise BadInputError(f"every input is bad ({len(reasons)} file(s)); first: {next(iter(reasons.values()))}")
     return kept

@@ -151,6 +151,8 @@ def test_screening_fails_fast_by_default_and_skips_and_lists_on_request(tmp_path
     kept = screen_items(items, skip_bad_inputs=True, report_file=str(report))
     assert kept == items[:1]
     assert list(json.loads(report.read_text())["bad_files"]) == [str(bad)]
+    screen_items(items[:1], skip_bad_inputs=True, report_file=str(report))  # a clean run replaces the old report
+    assert json.loads(report.read_text()) == {"skipped_items": 0, "bad_files": {}}
 
 
 def test_training_config_skips_and_lists_a_corrupt_volume(bundle_root, tiny_dataset, tmp_path):
@@ -158,6 +160,8 @@ def test_training_config_skips_and_lists_a_corrupt_volume(bundle_root, tiny_data
     shutil.copytree(tiny_dataset, data)
     victim = data / "volumes" / "training_000_flair.nii.gz"
     victim.write_bytes(victim.read_bytes()[:300])
+    gone = data / "volumes" / "training_001_flair.nii.gz"  # a missing file is skipped and listed too
+    gone.unlink()
     workflow = ConfigWorkflow(
         config_file=str(bundle_root / "configs" / "train.json"),
         workflow_type="train",
@@ -170,6 +174,19 @@ def test_training_config_skips_and_lists_a_corrupt_volume(bundle_root, tiny_data
     )
     workflow.initialize()
     train_items = workflow.parser.get_parsed_content("train#checked_data")
-    assert train_items and all("training_000" not in item["image"] for item in train_items)
+    assert train_items and not {item["image"] for item in train_items} & {str(victim), str(gone)}
     report = json.loads((tmp_path / "eval" / "train_bad_inputs.json").read_text())
-    assert list(report["bad_files"]) == [str(victim)] and report["skipped_items"] > 0
+    assert sorted(report["bad_files"]) == [str(victim), str(gone)] and report["skipped_items"] > 0
+    assert "the file does not exist" in report["bad_files"][str(gone)]
+
+
+def test_evaluation_lists_the_test_splits_bad_inputs_in_its_own_report(bundle_root):
+    """Evaluation screens the test split; its report must not overwrite training's validation report."""
+    from scripts.options import config_parser
+
+    configs = [str(bundle_root / "configs" / name) for name in ("train.json", "evaluate.json")]
+    parser = config_parser(configs, {"output_dir": "/out"})
+    assert parser.get_parsed_content("validate#checked_data#report_file") == "/out/test_bad_inputs.json"
+    assert parser.get_parsed_content("validate#data#split") == "test"
+    train = config_parser(configs[:1], {"output_dir": "/out"})
+    assert train.get_parsed_content("validate#checked_data#report_file") == "/out/validate_bad_inputs.json"
