@@ -189,6 +189,23 @@ def _load_state_dict(path: str | os.PathLike, encoder: str) -> dict:
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
+def _trained(state: dict, source) -> dict:
+    """``state`` unless every BatchNorm layer still holds its initial statistics (mean 0, variance 1): a network
+    saved before any training, whose keys and shapes fit, would otherwise pass for ImageNet's weights."""
+    means = [v for k, v in state.items() if k.endswith("running_mean")]
+    variances = [v for k, v in state.items() if k.endswith("running_var")]
+    if means and all(torch.all(m == 0) for m in means) and all(torch.all(v == 1) for v in variances):
+        from torchvision.models import Wide_ResNet50_2_Weights
+
+        files = " or ".join(os.path.basename(w.url) for w in Wide_ResNet50_2_Weights)
+        raise RuntimeError(
+            f"{source} holds untrained wide_resnet50_2 weights: every BatchNorm layer has its initial statistics "
+            f"(mean 0, variance 1). Pass torchvision's ImageNet file ({files}), or use the offline encoder with "
+            "--encoder efficientnet-lite0."
+        )
+    return state
+
+
 def _wide_resnet_weights(weights: str) -> dict | None:
     from torchvision.models import Wide_ResNet50_2_Weights
 
@@ -197,7 +214,7 @@ def _wide_resnet_weights(weights: str) -> dict | None:
     if weights == "download":
         return Wide_ResNet50_2_Weights.IMAGENET1K_V1.get_state_dict(progress=True)
     if weights != "imagenet":
-        return _load_state_dict(weights, "wide_resnet50_2")
+        return _trained(_load_state_dict(weights, "wide_resnet50_2"), weights)
     checkpoints = Path(torch.hub.get_dir()) / "checkpoints"
     for choice in (Wide_ResNet50_2_Weights.IMAGENET1K_V1, Wide_ResNet50_2_Weights.IMAGENET1K_V2):
         cached = checkpoints / os.path.basename(choice.url)

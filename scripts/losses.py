@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from .ssim import ssim_valid
+from .ssim import checked_ssim_settings, ssim_valid
 
 FLOW_NORMALIZATIONS = ("nats_per_dim", "bits_per_dim", "sum")
 RECON_LOSSES = ("mse", "ssim")
@@ -63,8 +63,7 @@ class AEFlowLoss(nn.Module):
         self.flow_normalization = flow_normalization
         flow_nll(torch.zeros(1, 1), torch.zeros(1), flow_normalization)  # validates the option early
         # MONAI's SSIMLoss, computed by separable matrix products (scripts.ssim)
-        self.data_range = float(data_range)
-        self.ssim_window = int(ssim_window)
+        self.ssim_window, self.data_range = checked_ssim_settings(ssim_window, data_range)
 
     def forward(
         self, z_prime: torch.Tensor, log_jac_det: torch.Tensor, reconstruction: torch.Tensor, target: torch.Tensor

@@ -35,6 +35,8 @@ validation split choose it with beta, leaving ``mean`` only for a clear gain; th
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ from torch import nn
 
 from .losses import check_weight
 from .metrics import auc_standard_error, best_f1_threshold
-from .ssim import ssim_map
+from .ssim import checked_ssim_settings, ssim_map
 
 FLOW_SCORES = ("nll", "density")
 REDUCTIONS = ("mean", "max", "topk")
@@ -65,9 +67,16 @@ def volume_score(slice_scores: torch.Tensor) -> tuple[float, int]:
 
 
 def pixel_sample(score_map: torch.Tensor, count: int = PIXELS_PER_IMAGE) -> torch.Tensor:
-    """(B, 1, H, W) -> (B, <= count): an evenly strided, deterministic sample of each map's values."""
+    """(B, 1, H, W) -> (B, about count): an evenly strided, deterministic sample of each map's values.
+
+    The stride is prime to the map's width, so the sample visits every column: a stride that divides it (16 at
+    256 x 256) kept one column in 16, on the edges between the encoder's 16-pixel cells where the upsampled map is
+    an average of two, and set the mask's quantile too low."""
     flat = score_map.flatten(1)
-    return flat[:, :: max(1, flat.shape[1] // count)]
+    step = max(1, flat.shape[1] // count)
+    while step > 1 and math.gcd(step, score_map.shape[-1]) != 1:
+        step -= 1
+    return flat[:, ::step]
 
 
 def _check_option(name: str, value: str, allowed: tuple[str, ...]) -> str:
@@ -127,8 +136,7 @@ class AnomalyScorer(nn.Module):
         if not 0.0 < topk_fraction <= 1.0:
             raise ValueError(f"topk_fraction must lie in (0, 1], got {topk_fraction}.")
         self.topk_fraction = topk_fraction
-        self.data_range = float(data_range)
-        self.ssim_window = int(ssim_window)
+        self.ssim_window, self.data_range = checked_ssim_settings(ssim_window, data_range)
         # rows: flow, recon; columns: mean, std.  Identity until calibrated.
         self.register_buffer("term_stats", torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
         # operating point for deployment: score >= threshold means abnormal; NaN until chosen on validation data

@@ -28,6 +28,18 @@ import torch.nn.functional as F
 SIGMA = 1.5  # the window of Wang et al. (2004) and of MONAI
 
 
+def checked_ssim_settings(window, data_range) -> tuple[int, float]:
+    """``(window, data_range)`` as the SSIM needs them: an odd window of 3 or more pixels (an even one would shift
+    the padded map by half a pixel and stop scoring with a shape error after training went well) and a positive
+    intensity range."""
+    window, data_range = int(window), float(data_range)
+    if window < 3 or window % 2 == 0:
+        raise ValueError(f"ssim_window must be an odd number of pixels, 3 or more (the paper's: 11), got {window}.")
+    if not data_range > 0:
+        raise ValueError(f"data_range must be above 0 (images in [0, 1]: 1.0), got {data_range}.")
+    return window, data_range
+
+
 def gaussian_profile(window: int = 11, sigma: float = SIGMA) -> torch.Tensor:
     """(window,) normalised 1D Gaussian; the 2D window is its outer product with itself."""
     offsets = torch.arange(window, dtype=torch.float64) - (window - 1) / 2

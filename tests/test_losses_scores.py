@@ -268,3 +268,31 @@ def test_ssim_stays_float32_under_autocast():
 def test_ssim_refuses_images_smaller_than_its_window():
     with pytest.raises(ValueError, match="at least 11 pixels a side"):
         ssim_map(torch.rand(1, 1, 8, 8), torch.rand(1, 1, 8, 8))
+
+
+def test_an_even_ssim_window_or_a_non_positive_range_is_refused_when_built_not_at_the_first_validation():
+    from scripts.losses import AEFlowLoss
+    from scripts.scores import AnomalyScorer
+
+    for build in (AnomalyScorer, AEFlowLoss):
+        for window in (10, 1, 0):
+            with pytest.raises(ValueError, match="ssim_window must be an odd number of pixels"):
+                build(ssim_window=window)
+        with pytest.raises(ValueError, match="data_range must be above 0"):
+            build(data_range=0)
+        assert build(ssim_window=7).ssim_window == 7
+
+
+def test_the_mask_threshold_sample_visits_every_column_of_the_upsampled_map():
+    """At 256 x 256 a stride of 16 kept only the columns between the encoder's 16-pixel cells, where the upsampled
+    map averages two cells, and set the mask's quantile too low."""
+    import torch.nn.functional as F
+    from scripts.scores import pixel_sample
+
+    for size in (128, 256, 512):
+        columns = torch.arange(size).float().expand(1, 1, size, size)
+        assert set(pixel_sample(columns).long().flatten().tolist()) == set(range(size)), size
+    cells = torch.randn(32, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    upsampled = F.interpolate(cells, size=(256, 256), mode="bilinear", align_corners=False)
+    full = torch.quantile(upsampled.flatten()[::5], 0.999)
+    assert torch.quantile(pixel_sample(upsampled).flatten(), 0.999) == pytest.approx(float(full), rel=0.02)

@@ -37,13 +37,20 @@ def test_missing_wide_resnet_weights_stop_with_remedies(tmp_path, monkeypatch):
     assert "--encoder_weights" in str(error.value) and str(tmp_path) in str(error.value)
 
 
-def test_wide_resnet_weights_from_an_explicit_file(tmp_path):
+def test_wide_resnet_weights_from_an_explicit_file_and_untrained_ones_refused(tmp_path):
     from torchvision.models import wide_resnet50_2
 
     reference = wide_resnet50_2(weights=None)
+    torch.save(reference.state_dict(), tmp_path / "untrained.pth")  # keys and shapes fit: only the statistics tell
+    with pytest.raises(RuntimeError, match="untrained.pth holds untrained wide_resnet50_2 weights"):
+        build_encoder("wide_resnet50_2", str(tmp_path / "untrained.pth"))
+    reference.train()
+    with torch.no_grad():  # BatchNorm statistics of some images, as any trained network has
+        reference(torch.rand(2, 3, 64, 64))
     torch.save(reference.state_dict(), tmp_path / "wrn.pth")
     encoder = build_encoder("wide_resnet50_2", str(tmp_path / "wrn.pth"))
     torch.testing.assert_close(encoder.body[0].weight, reference.conv1.weight)
+    torch.testing.assert_close(encoder.body[1].running_mean, reference.bn1.running_mean)
 
 
 def test_corrupt_weights_file_is_named(tmp_path):
