@@ -112,8 +112,8 @@ def check_bit_depth(image, path, eight_bit_ceiling: float | None) -> None:
     high = float(torch.as_tensor(image).max())
     if high > eight_bit_ceiling:
         raise BadInputError(
-            f"{path}: a {mode} image with values up to {high:g}, but this model reads 2D images on the fixed range "
-            f"[.., {eight_bit_ceiling:g}] (input_spec intensity 'range'), which would clip it to white; convert the "
+            f"{path}: a {mode} image with values up to {high:g}, but this model reads 2D images on a fixed range "
+            f"that ends at {eight_bit_ceiling:g} (input_spec intensity 'range'), which would clip it to white; convert the "
             'images to 8 bits, or train with --image_intensity \'{"mode": "percentiles", "lower": 0.5, "upper": 99.5}\''
         )
 
