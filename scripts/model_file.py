@@ -184,10 +184,13 @@ def network_from_file(
 
     description = read_description(path)
     wanted = {key: value for key, value in dict(expect or {}).items() if value is not None}
+    owners = _settings_owners(description, wanted)
+    members = description["network"].get("members", [])
     mismatch = []
-    for part, settings in _settings_owners(description, wanted):
+    for member, settings in owners:
         asked = {key: wanted[key] for key in settings if key not in CALIBRATED_SETTINGS}
-        mismatch += [f"{part}{line}" for line in differences(description_of(description, part), asked)]
+        part = description if member is None else members[member]
+        mismatch += [f"{_part_label(member)}{line}" for line in differences(part, asked)]
     _refuse(path, mismatch)
     network = network_of_description(description)
     use_encoder_runtime(network, encoder_runtime)
@@ -195,7 +198,7 @@ def network_from_file(
         if hasattr(module, "skip_unweighted_terms"):
             module.skip_unweighted_terms = flag(skip_unweighted_terms, "skip_unweighted_terms")
     network = load_network(network, path, map_location=map_location)
-    _refuse(path, calibrated_mismatch(network, description, wanted))
+    _refuse(path, calibrated_mismatch(network, owners, wanted))
     return network
 
 
@@ -207,12 +210,12 @@ def _refuse(path, mismatch: list[str]) -> None:
         )
 
 
-def description_of(description: Mapping, part: str) -> Mapping:
-    """The description of ``part``: ``""`` the file's own, ``"member i: "`` an ensemble's member i."""
-    return description["network"]["members"][int(part.split()[1].rstrip(":"))] if part else description
+def _part_label(member: int | None) -> str:
+    """How a mismatch names the part of the file it is in: nothing for the file's own, ``member i: ``."""
+    return "" if member is None else f"member {member}: "
 
 
-def _settings_owners(description: Mapping, wanted: Mapping) -> list[tuple[str, list[str]]]:
+def _settings_owners(description: Mapping, wanted: Mapping) -> list[tuple[int | None, list[str]]]:
     """Which part of the file each asked setting is compared with: the file's own method when it has the setting;
     otherwise every member of an ensemble that has it (an ``--encoder`` asked of a Lite0 + Lite2 ensemble names
     one member's encoder, not the file's). A setting no part has (an AE-FLOW key asked of a PatchCore file) is not
@@ -222,23 +225,23 @@ def _settings_owners(description: Mapping, wanted: Mapping) -> list[tuple[str, l
     own = {*inspect.signature(method_class(description.get("method", DEFAULT_METHOD))).parameters}
     own |= {*stored_settings(description)}
     members = description["network"].get("members", [])
-    owners = [("", [key for key in wanted if key in own])]
+    owners = [(None, [key for key in wanted if key in own])]  # None: the file's own method; else a member's index
     for index, member in enumerate(members):
-        keys = [key for key in wanted if key not in own and key in stored_settings(member)]
-        owners.append((f"member {index}: ", keys))
+        owners.append((index, [key for key in wanted if key not in own and key in stored_settings(member)]))
     return owners
 
 
-def calibrated_mismatch(network, description: Mapping, wanted: Mapping) -> list[str]:
+def calibrated_mismatch(network, owners: list[tuple[int | None, list[str]]], wanted: Mapping) -> list[str]:
     """``beta`` and ``score_reduction`` asked of a model, compared with what it scores with: validation chooses
     both when the file says ``beta_selection``/``score_reduction`` ``validation``, so the stored setting (what was
-    configured) is not what the model applies. ``score_reduction: validation`` asks for a model that chose."""
+    configured) is not what the model applies. ``score_reduction: validation`` asks for a model that chose.
+    ``owners``: ``_settings_owners``, which part of the file each asked setting belongs to."""
     from .scores import AnomalyScorer
 
     mismatch = []
-    for part, settings in _settings_owners(description, wanted):
-        owner = network.members[int(part.split()[1].rstrip(":"))] if part else network
-        scorer = getattr(owner, "scorer", None)
+    for member, settings in owners:
+        part = _part_label(member)
+        scorer = getattr(network if member is None else network.members[member], "scorer", None)
         if not isinstance(scorer, AnomalyScorer):
             continue
         if "beta" in settings and abs(float(wanted["beta"]) - scorer.beta) > 1e-6:
